@@ -1,0 +1,34 @@
+# Two commands set up and use a fresh machine: `make run` and `make test`.
+VENV    ?= .venv
+PYTHON  ?= python3
+PY      := $(VENV)/bin/python
+# torch goes in first and is pinned, so no dependency can pull a multi-GB CUDA build.
+TORCH   ?= torch==2.13.0
+STAMP   := $(VENV)/.installed
+ARGS    ?=
+
+.PHONY: run test install bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	# DeepSpeed JIT-builds its CPU comm op once (~70 s); do it here, not inside a run or a test.
+	$(PY) -m distill_ray.train.prebuild
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/distill-ray run $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest $(ARGS)
+
+bench: $(STAMP)
+	$(PY) bench/teacher_throughput.py
+	$(PY) bench/answer_only_ablation.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,75 @@
+"""`distill-ray`: run the whole pipeline, one stage, or submit to a Ray cluster.
+
+Exit codes: 0 success, 1 a stage failed, 2 bad configuration or unreachable teacher.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import ConfigError, load_config
+
+USAGE_EPILOG = """examples:
+  distill-ray run                                  # the embedded default, offline
+  distill-ray run --set train.max_steps=100 --set tasks.synthetic.train_size=2000
+  distill-ray run -c my.yaml --set teacher.kind=openai --set teacher.base_url=http://vllm:8000/v1
+  distill-ray submit --address http://head:8265 --follow -c my.yaml
+"""
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", default=None, help="YAML config (default: the repo's ray_config.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value; repeatable")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distill-ray", description="Distil chain-of-thought reasoning from a teacher LLM into a small student, on Ray.",
+        epilog=USAGE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_ in [
+        ("run", "all stages: collect → train → serve → eval, one MLflow parent run"),
+        ("collect", "teacher stage only: query the teacher, store rationales in LanceDB"),
+        ("train", "collect (cached) + train the student"),
+        ("eval", "serve the trained student and evaluate it through the endpoint"),
+        ("serve", "serve the trained student until interrupted"),
+        ("config", "print the resolved configuration"),
+    ]:
+        _common(sub.add_parser(name, help=help_))
+    sp = sub.add_parser("submit", help="submit `run` to a Ray cluster as a Ray job")
+    _common(sp)
+    sp.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://127.0.0.1:8265")
+    sp.add_argument("--follow", action="store_true", help="stream the job's logs; exit with its outcome")
+    sp.add_argument("--stage", default="run", choices=["run", "collect", "train", "eval"], help="what the job runs")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        from .methods import get_recipe
+
+        get_recipe(cfg.method.name)
+    except (ConfigError, ValueError) as e:
+        print(f"distill-ray: config error: {e}", file=sys.stderr)
+        return 2
+    from . import commands
+
+    try:
+        return commands.dispatch(args, cfg)
+    except ConfigError as e:
+        print(f"distill-ray: config error: {e}", file=sys.stderr)
+        return 2
+    except commands.TeacherUnreachable as e:
+        print(f"distill-ray: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("distill-ray: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

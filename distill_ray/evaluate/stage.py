@@ -1,0 +1,121 @@
+"""The eval stage: the test split through Ray Data against the served student.
+
+It reuses the teacher stage's query actor (same client, retries, in-flight bounds), with
+a one-shot plan that scores each reply. Tokens come from the endpoint's `usage`; FLOPs
+from the student's config (prefill + decode, `flops.py`).
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import mlflow
+
+from ..client.actor import QueryOptions, query_dataset
+from ..client.openai_client import ClientSettings, Secret
+from ..client.requests import LLMRequest
+from ..config import Config
+from ..methods.recipe import STOP, Recipe
+from ..tasks.answers import score
+from ..tasks.record import Example
+from .flops import flops_model
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """Ask once, greedy; every reply is accepted and scored (a wrong answer is data, not an error)."""
+
+    model: str
+    max_tokens: int
+    temperature: float = 0.0
+    max_tries: int = 1
+    payload_fields: tuple[str, ...] = ("prediction", "correct")
+
+    def requests(self, row: dict, attempt: int) -> LLMRequest:
+        return LLMRequest(kind="completion", model=self.model, prompt=row["prompt"], temperature=self.temperature,
+                          max_tokens=self.max_tokens, stop=tuple(STOP))
+
+    def check(self, row: dict, response_text: str) -> tuple[bool, str, dict]:
+        prediction, correct = score(response_text, Example.from_row(row))
+        return True, "", {"prediction": prediction, "correct": bool(correct)}
+
+
+@dataclass
+class EvalReport:
+    metrics: dict[str, float]
+    per_task: dict[str, dict[str, float]]
+    predictions: list[dict] = field(repr=False)
+
+
+def evaluate_endpoint(cfg: Config, examples: list[Example], recipe: Recipe, base_url: str, model_dir: str,
+                      *, progress: bool = True) -> EvalReport:
+    import ray
+
+    if cfg.eval.limit:
+        examples = examples[: cfg.eval.limit]
+    if not examples:
+        raise ValueError("eval: the test split is empty")
+    rows = [{**ex.to_row(), "prompt": recipe.prompt(ex)} for ex in examples]
+    plan = EvalPlan(model=cfg.serve.model_name, max_tokens=cfg.eval.max_new_tokens, temperature=cfg.eval.temperature)
+    options = QueryOptions(
+        client=ClientSettings(base_url=base_url, api_key=Secret("unused"), max_retries=3, timeout_s=120.0),
+        max_in_flight=cfg.eval.max_in_flight,
+        cache_uri=None,  # a student's answers are what is being measured: never served from a cache
+    )
+    ds = query_dataset(ray.data.from_items(rows), plan, options, num_actors=cfg.eval.num_actors, actor_cpus=0.25)
+    fm = flops_model(model_dir)
+    started, last = time.monotonic(), 0.0
+    predictions: list[dict] = []
+    for batch in ds.iter_batches(batch_size=64, batch_format="pyarrow"):
+        for r in batch.to_pylist():
+            flops = fm.example(r["prompt_tokens"], r["completion_tokens"])
+            predictions.append({
+                "id": r["id"], "task": r["task"], "question": r["question"], "gold": r["answer"],
+                "prediction": r["prediction"], "correct": bool(r["correct"]) and r["status"] == "kept",
+                "status": r["status"], "reason": r["reason"], "output": r["output"],
+                "prompt_tokens": r["prompt_tokens"], "completion_tokens": r["completion_tokens"], **flops,
+            })
+        now = time.monotonic()
+        if progress and now - last > 5:
+            last = now
+            acc = sum(p["correct"] for p in predictions) / len(predictions)
+            print(f"[eval] {len(predictions)}/{len(rows)} scored, accuracy so far {acc:.1%}, "
+                  f"{len(predictions) / (now - started):.1f} ex/s", flush=True)
+    return summarize(predictions)
+
+
+def _means(rows: list[dict]) -> dict[str, float]:
+    n = len(rows)
+    return {
+        "n": n,
+        "accuracy": sum(r["correct"] for r in rows) / n,
+        "prompt_tokens_mean": sum(r["prompt_tokens"] for r in rows) / n,
+        "completion_tokens_mean": sum(r["completion_tokens"] for r in rows) / n,
+        "flops_prefill_mean": sum(r["flops_prefill"] for r in rows) / n,
+        "flops_decode_mean": sum(r["flops_decode"] for r in rows) / n,
+        "flops_total_mean": sum(r["flops_total"] for r in rows) / n,
+        "failed": sum(r["status"] != "kept" for r in rows),
+    }
+
+
+def summarize(predictions: list[dict]) -> EvalReport:
+    by_task: dict[str, list[dict]] = defaultdict(list)
+    for p in predictions:
+        by_task[p["task"]].append(p)
+    per_task = {}
+    for task, rows in by_task.items():
+        m = _means(rows)
+        per_task[task] = {**m, "flops_mean": m["flops_total_mean"]}
+    metrics = _means(predictions)
+    for task, m in per_task.items():
+        metrics[f"accuracy.{task.replace('/', '.')}"] = m["accuracy"]
+    return EvalReport(metrics=metrics, per_task=per_task, predictions=predictions)
+
+
+def log_evaluation(client: mlflow.MlflowClient, run_id: str, report: EvalReport) -> None:
+    for k, v in report.metrics.items():
+        client.log_metric(run_id, k, float(v))
+    client.log_text(run_id, "\n".join(json.dumps(p) for p in report.predictions), "predictions.jsonl")
+    client.log_dict(run_id, report.per_task, "per_task.json")

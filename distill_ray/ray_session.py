@@ -1,0 +1,48 @@
+"""Start or join Ray with the environment every worker process needs."""
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+from .config import Config
+
+
+def worker_env() -> dict[str, str]:
+    """Env vars shipped to every Ray worker (no secrets here: runtime envs are visible in the dashboard)."""
+    env = {
+        "TOKENIZERS_PARALLELISM": "false",
+        # DeepSpeed's JIT-built CPU comm op is cached here by `make install`; reuse it.
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions")),
+    }
+    if "HF_HUB_OFFLINE" in os.environ:
+        env["HF_HUB_OFFLINE"] = os.environ["HF_HUB_OFFLINE"]
+    return env
+
+
+@contextmanager
+def ray_session(cfg: Config):
+    """`ray.init` for the run and `ray.shutdown` after, unless Ray was already up (tests, jobs)."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    os.environ.update({k: v for k, v in worker_env().items() if k not in os.environ})
+    kwargs: dict = {
+        "namespace": cfg.cluster.namespace,
+        "runtime_env": {"env_vars": worker_env()},
+        "log_to_driver": True,
+    }
+    # Inside a Ray job, RAY_ADDRESS points at the cluster the job was submitted to.
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        kwargs["address"] = address
+    else:
+        kwargs.update(num_cpus=cfg.cluster.num_cpus, include_dashboard=False)
+    ray.init(**kwargs)
+    try:
+        yield
+    finally:
+        ray.shutdown()
