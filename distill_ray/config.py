@@ -83,6 +83,7 @@ class TeacherConfig(Section):
     temperatures: list[float] = [0.0, 0.7, 1.0, 1.5]
     max_tokens: int = Field(256, ge=1)
     few_shot: int = Field(3, ge=0)
+    cache: bool = True  # reuse answers recorded in LanceDB `teacher_calls` (False: always ask)
     oracle: FaultConfig = FaultConfig()
 
 

@@ -13,6 +13,8 @@ def worker_env() -> dict[str, str]:
     """Env vars shipped to every Ray worker (no secrets here: runtime envs are visible in the dashboard)."""
     env = {
         "TOKENIZERS_PARALLELISM": "false",
+        # Stages print their own progress lines; per-operator bars from every worker drown them.
+        "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
         # DeepSpeed's JIT-built CPU comm op is cached here by `make install`; reuse it.
         "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions")),
     }
@@ -40,8 +42,14 @@ def ray_session(cfg: Config):
     if address:
         kwargs["address"] = address
     else:
-        kwargs.update(num_cpus=cfg.cluster.num_cpus, include_dashboard=False)
-    ray.init(**kwargs)
+        # The dashboard also backs the State API, which Ray Train's cleanup thread polls.
+        kwargs.update(num_cpus=cfg.cluster.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
+    context = ray.init(**kwargs)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    if context.dashboard_url:
+        print(f"[distill-ray] Ray dashboard: http://{context.dashboard_url}", flush=True)
     try:
         yield
     finally:

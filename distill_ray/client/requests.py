@@ -84,3 +84,4 @@ class LLMResponse:
     finish_reason: str | None = None
     cached: bool = False
     retries: int = field(default=0, compare=False)  # transport retries the client made for this reply
+    malformed: int = field(default=0, compare=False)  # replies re-asked because their body was malformed

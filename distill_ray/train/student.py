@@ -61,7 +61,9 @@ def tiny_model(tokenizer: PreTrainedTokenizerFast, spec: TinySpec, seed: int = 0
         eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
+    # Through from_config, not the constructor: under a live ZeRO-3 HfDeepSpeedConfig it
+    # builds the model already sharded (deepspeed.zero.Init), elsewhere it is the same.
+    return AutoModelForCausalLM.from_config(config)
 
 
 def load_pretrained(path: str, dtype: torch.dtype | None = None):

@@ -1,0 +1,155 @@
+"""Start Ray Serve, deploy a student behind the OpenAI API, and hand back its base URL."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import time
+
+import httpx
+import ray
+from ray import serve
+
+from distill_ray.config import Config, ServeConfig
+from distill_ray.ray_session import worker_env
+from distill_ray.serve.app import build_app
+
+logger = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 180.0
+_WILDCARD_HOSTS = {"", "0.0.0.0", "::"}
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception)\b")
+
+
+def _free_port(host: str) -> int:
+    # Asking the OS is the only reliable way to find a free port; the tiny window until
+    # Serve binds it is acceptable for tests and local runs.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _client_host(host: str) -> str:
+    if host in _WILDCARD_HOSTS:
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def _route_prefix(prefix: str) -> str:
+    if not prefix.startswith("/"):
+        raise ValueError(f"serve.route_prefix: must start with '/' (got {prefix!r})")
+    return "/" + prefix.strip("/") if prefix.strip("/") else "/"
+
+
+def _resolve_model_dir(cfg: Config, model_dir: str) -> str:
+    """An absolute path for a local directory (replicas do not share our working dir)."""
+    if not model_dir:
+        raise ValueError("model_dir: empty")
+    path = os.path.abspath(os.path.expanduser(model_dir))
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"model_dir {model_dir}: no config.json; expected a directory saved with save_pretrained")
+        return path
+    looks_like_hub_id = model_dir.count("/") == 1 and not model_dir.startswith((".", "/", "~"))
+    if not (cfg.cluster.address or os.environ.get("RAY_ADDRESS")) and not looks_like_hub_id:
+        raise FileNotFoundError(f"model_dir {model_dir}: no such directory")
+    return model_dir  # a hub id, or a path that exists on the cluster's nodes
+
+
+def _ensure_ray(cfg: Config) -> None:
+    """Join the run's Ray (normally already up via `ray_session`), or start one that outlives this call."""
+    if ray.is_initialized():
+        return
+    # Like `ray_session`, but not a context: the served app must outlive this function.
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    ray.init(
+        address=address,
+        namespace=cfg.cluster.namespace,
+        runtime_env={"env_vars": worker_env()},
+        num_cpus=None if address else cfg.cluster.num_cpus,
+    )
+
+
+def _start_serve(cfg: ServeConfig) -> int:
+    """The port Serve's proxy listens on; an already running Serve keeps its own options."""
+    try:
+        client = serve.context._get_global_client(raise_if_no_controller_running=False)
+    except Exception:  # a stale client from a dead cluster: start afresh
+        client = None
+    if client is not None:
+        port = client.http_config.port
+        if cfg.port not in (0, port):
+            logger.warning("Serve already listens on port %d; serve.port=%d is ignored", port, cfg.port)
+        return port
+    port = cfg.port or _free_port(cfg.host)
+    serve.start(http_options={"host": cfg.host, "port": port})
+    return port
+
+
+def _failure_reason(app_name: str) -> str:
+    """The replica's own exception line(s), which Serve buries under a generic message."""
+    try:
+        app = serve.status().applications.get(app_name)
+    except Exception:  # the status is only a better message; never hide the original failure
+        return ""
+    for deployment in app.deployments.values() if app else ():
+        lines = (deployment.message or "").strip().splitlines()
+        starts = [i for i, line in enumerate(lines) if _EXCEPTION_LINE.match(line)]
+        if starts:
+            return " ".join(line.strip() for line in lines[starts[-1]:])[:600]
+    return ""
+
+
+def _wait_until_ready(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            reply = httpx.get(f"{url}/models", timeout=5.0)
+            if reply.status_code == 200:
+                return
+            last = f"HTTP {reply.status_code}"
+        except httpx.HTTPError as e:
+            last = f"{type(e).__name__}: {e}"
+        time.sleep(0.25)
+    raise TimeoutError(f"student server at {url} did not answer /models within {timeout_s:.0f} s ({last})")
+
+
+def deploy_student(
+    cfg: Config,
+    model_dir: str,
+    *,
+    app_name: str = "student",
+    blocking: bool = False,
+    route_prefix: str | None = None,
+) -> str:
+    """Serve `model_dir` as `cfg.serve.model_name`; returns the base URL, e.g. http://127.0.0.1:8000/v1.
+
+    `route_prefix` (default `cfg.serve.route_prefix`) lets several students share one Serve
+    instance under different prefixes. With `blocking`, serves until Ctrl-C, then removes the app.
+    """
+    model_dir = _resolve_model_dir(cfg, model_dir)
+    prefix = _route_prefix(route_prefix or cfg.serve.route_prefix)
+    _ensure_ray(cfg)
+    port = _start_serve(cfg.serve)
+    try:
+        serve.run(build_app(cfg.serve, model_dir), name=app_name, route_prefix=prefix, blocking=False)
+    except RuntimeError as e:
+        raise RuntimeError(f"student server {app_name!r} for {model_dir} failed to start: {_failure_reason(app_name) or e}") from e
+    url = f"http://{_client_host(cfg.serve.host)}:{port}{prefix.rstrip('/')}/v1"
+    _wait_until_ready(url, READY_TIMEOUT_S)
+    logger.info("serving %s as %r at %s", model_dir, cfg.serve.model_name, url)
+    if blocking:
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            serve.delete(app_name)
+    return url
+
+
+def shutdown_serve() -> None:
+    """Stop every Serve app and the proxy; Ray itself keeps running."""
+    serve.shutdown()

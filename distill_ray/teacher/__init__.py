@@ -1,0 +1,1 @@
+"""The teacher stage: prompts, the oracle teacher, and rationale collection."""
