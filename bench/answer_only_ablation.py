@@ -26,8 +26,8 @@ def main() -> int:
     reports = {}
     for method in ("std_cot", "answer_only"):
         cfg = load_config(args.config, [*args.overrides, f"method.name={method}", f"run_name=ablation-{method}"])
-        # Same number of optimizer steps for both: answer-only rows are shorter, so an
-        # epoch-based budget alone would hand it fewer tokens but the same steps anyway.
+        # Both train on the same kept examples with the same schedule (steps = epochs x rows
+        # / batch); answer-only rows are shorter, so it sees fewer tokens per step.
         reports[method] = run_pipeline(cfg)
     cot, ans = reports["std_cot"]["eval"], reports["answer_only"]["eval"]
     print(f"\n{'task':<32}{'std_cot':>10}{'answer_only':>13}{'ratio':>8}")
@@ -38,7 +38,7 @@ def main() -> int:
     print(f"{'overall':<32}{a:>9.1%}{b:>12.1%}{(a / b if b else float('inf')):>8.2f}")
     for method, rep in reports.items():
         t = rep["train"]
-        print(f"{method}: {t['steps']} steps on {t['rows']} rows, train wall {t.get('wall_s', float('nan')):.0f} s")
+        print(f"{method}: {t['steps']} steps on {t['rows']} rows, train wall {t.get('fit_wall_s', float('nan')):.0f} s")
     return 0
 
 

@@ -23,7 +23,7 @@ def print_summary(summary: dict) -> None:
     train = summary.get("train")
     if train:
         print(f"trained on {train['rows']} rows, {train['steps']} steps, "
-              f"{train.get('tokens_per_s', float('nan')):.0f} tokens/s, {train.get('wall_s', float('nan')):.0f} s")
+              f"{train.get('tokens_per_s', float('nan')):.0f} tokens/s, {train.get('fit_wall_s', float('nan')):.0f} s")
     if "wall_s" in summary:
         print(f"total wall time {summary['wall_s']:.0f} s")
     if "ui_command" in summary:

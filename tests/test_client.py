@@ -23,7 +23,8 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def _chat(question: str, temperature: float = 0.0) -> LLMRequest:
-    return LLMRequest("chat", "oracle", messages=cot_messages(question, synthetic_exemplars(2)), temperature=temperature)
+    messages = cot_messages(question, synthetic_exemplars(2))
+    return LLMRequest("chat", "oracle", messages=messages, temperature=temperature)
 
 
 def _send(base_url: str, requests: list[LLMRequest], *, max_retries=0, timeout_s=10.0, malformed_retries=0):
@@ -113,8 +114,8 @@ def test_malformed_bodies_are_resent_then_given_up():
 )
 def test_transport_failures_use_the_clients_retries(faults, status):
     with start_oracle(faults) as oracle:
-        (err,) = _send(oracle.base_url, [_chat("Ana has 2 boxes of 3 pens and gives away 1 . How many pens are left ?")],
-                       max_retries=2, timeout_s=0.5)
+        question = "Ana has 2 boxes of 3 pens and gives away 1 . How many pens are left ?"
+        (err,) = _send(oracle.base_url, [_chat(question)], max_retries=2, timeout_s=0.5)
         assert isinstance(err, LLMCallError) and err.status == status
         assert err.retries == 2 and oracle.stats()["requests"] == 3
         assert "sk-test" not in str(err)
@@ -142,7 +143,9 @@ def test_cache_round_trip_in_one_query(tmp_path):
     reqs = [LLMRequest("completion", "oracle", prompt=f"Question: {i}\nAnswer:") for i in range(5)]
     cache = CallCache(uri)
     assert cache.lookup([r.key() for r in reqs]) == {}  # no table yet
-    records = [call_record(r, LLMResponse(text=f"reply {i}", prompt_tokens=3, completion_tokens=2)) for i, r in enumerate(reqs)]
+    records = [
+        call_record(r, LLMResponse(text=f"reply {i}", prompt_tokens=3, completion_tokens=2)) for i, r in enumerate(reqs)
+    ]
     db = open_db(uri)
     write_calls(db, records[:3] + records[:1])  # a duplicate in the chunk is kept once
     found = cache.lookup([r.key() for r in reqs])
@@ -164,7 +167,8 @@ def test_store_names_bad_input(tmp_path):
     with pytest.raises(TypeError, match="row 1 is str"):
         write_table(db, "t", [{"a": 3, "b": "z"}, "oops"], "append")
     with pytest.raises(ValueError, match="table 't'"):
-        write_table(db, "t", [{"a": "not a number", "b": 1}], "append", schema=pa.schema([("a", pa.int64()), ("b", pa.string())]))
+        schema = pa.schema([("a", pa.int64()), ("b", pa.string())])
+        write_table(db, "t", [{"a": "not a number", "b": 1}], "append", schema=schema)
     with pytest.raises(ValueError, match="already exists"):
         write_table(db, "t", [{"a": 1, "b": "x"}], "create")
     with pytest.raises(ValueError, match="does not exist"):

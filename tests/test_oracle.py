@@ -70,7 +70,8 @@ def test_wrong_answers_are_well_formed_but_wrong():
     ) as c:
         kinds = set()
         for ex in train:
-            text = c.chat.completions.create(model="oracle", messages=list(cot_messages(ex.question))).choices[0].message.content
+            reply = c.chat.completions.create(model="oracle", messages=list(cot_messages(ex.question)))
+            text = reply.choices[0].message.content
             assert text.split(" . ")[0] == ex.rationale.split(" . ")[0]  # the reasoning itself is intact
             if "answer is" in text:
                 assert not is_correct(text, ex.answer, ex.answer_type)

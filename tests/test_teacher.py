@@ -21,7 +21,9 @@ pytestmark = pytest.mark.timeout(300)
 
 SECRET = "sk-distill-test-4f1c2b9e7d"
 KEY_ENV = "DISTILL_TEST_TEACHER_KEY"
-FAILURE_REASONS = {"http_5xx", "http_429", "timeout", "malformed", "connection", "wrong_answer", "no_answer", "bad_example"}
+FAILURE_REASONS = {
+    "http_5xx", "http_429", "timeout", "malformed", "connection", "wrong_answer", "no_answer", "bad_example"
+}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -53,7 +55,7 @@ def test_stage_under_faults_then_rerun_from_cache(tmp_path, monkeypatch):
     from distill_ray.teacher.stage import collect_rationales
 
     monkeypatch.setenv(KEY_ENV, SECRET)
-    train, _ = generate(120, 0, seed=21)
+    train, _ = generate(80, 0, seed=21)
     # One example whose gold answer is not a number: it must fail alone, named, not stop the run.
     (other,), _ = generate(1, 0, seed=99)
     assert other.question not in {ex.question for ex in train}
@@ -115,7 +117,7 @@ def test_stage_under_faults_then_rerun_from_cache(tmp_path, monkeypatch):
             assert SECRET.encode() not in path.read_bytes(), path
 
 
-def test_duplicate_ids_and_missing_key_fail_before_any_work(tmp_path, monkeypatch):
+def test_bad_input_fails_before_any_work(tmp_path, monkeypatch):
     from distill_ray.config import ConfigError
     from distill_ray.teacher.stage import collect_rationales
 
@@ -126,6 +128,9 @@ def test_duplicate_ids_and_missing_key_fail_before_any_work(tmp_path, monkeypatc
         collect_rationales(cfg, [train[0], train[1], train[0]], progress=False)
     with pytest.raises(ValueError, match="no examples"):
         collect_rationales(cfg, [], progress=False)
+    too_big = _config(tmp_path, "http://127.0.0.1:9/v1", num_actors=5, actor_cpus=1.0)
+    with pytest.raises(ValueError, match=r"teacher.num_actors x teacher.actor_cpus = 5 x 1.0 = 5 CPUs"):
+        collect_rationales(too_big, train, progress=False)
     monkeypatch.delenv(KEY_ENV)
     with pytest.raises(ConfigError, match=KEY_ENV):
         collect_rationales(cfg, train, progress=False)
@@ -176,9 +181,9 @@ def test_driver_killed_mid_stage_keeps_committed_calls(tmp_path, monkeypatch):
     from distill_ray.teacher.stage import collect_rationales
 
     monkeypatch.setenv(KEY_ENV, SECRET)
-    n = 64
+    n = 40
     train, _ = generate(n, 0, seed=24)
-    with start_oracle(FaultConfig(latency_s=0.5)) as oracle:
+    with start_oracle(FaultConfig(latency_s=0.4)) as oracle:
         cfg = _config(tmp_path, oracle.base_url, max_in_flight=4)
         cfg_path = tmp_path / "cfg.json"
         cfg_path.write_text(cfg.model_dump_json())
@@ -201,4 +206,9 @@ def test_driver_killed_mid_stage_keeps_committed_calls(tmp_path, monkeypatch):
         assert 8 <= len(saved) < n  # committed while streaming, before the end
         again = collect_rationales(cfg, train, progress=False)
         assert again.stats["cache_hits"] == len(saved) and again.stats["kept"] == n
-        assert oracle.stats()["requests"] - asked_before == n - len(saved)
+        asked = oracle.stats()["requests"]
+        assert asked - asked_before == n - len(saved)
+        # Finished now: one more run is answered from the cache alone, one hit per example.
+        third = collect_rationales(cfg, train, progress=False)
+        assert third.stats["cache_hits"] == n and third.stats["http_requests"] == 0
+        assert oracle.stats()["requests"] == asked

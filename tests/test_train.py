@@ -3,7 +3,6 @@ ZeRO-2 with an injected failure that must resume from its checkpoint."""
 from __future__ import annotations
 
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -22,18 +21,9 @@ from distill_ray.train.checkpoint import read_state
 from distill_ray.train.data import BatchPlan, Batcher, canonical_order, encode_rows, validate_rows
 from distill_ray.train.prebuild import prebuild
 from distill_ray.train.trainer import run_training
+from rows import arithmetic_rows
 
 TINY = {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128, "vocab_size": 320}
-
-
-def arithmetic_rows(n: int, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        a, b = rng.randint(0, 12), rng.randint(0, 12)
-        rows.append({"prompt": f"Question: {a} * {b} = ?\nAnswer:",
-                     "target": f" {a} * {b} = {a * b} . Therefore, the answer is {a * b}."})
-    return rows
 
 
 def _free_port() -> int:

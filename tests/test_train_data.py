@@ -1,7 +1,6 @@
 """Batching and encoding for the trainer: pure functions, no Ray, no DeepSpeed."""
 from __future__ import annotations
 
-import random
 
 import numpy as np
 import pytest
@@ -18,16 +17,7 @@ from distill_ray.train.data import (
     validate_rows,
 )
 from distill_ray.train.student import train_tokenizer
-
-
-def arithmetic_rows(n: int, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        a, b = rng.randint(0, 12), rng.randint(0, 12)
-        rows.append({"prompt": f"Question: {a} * {b} = ?\nAnswer:",
-                     "target": f" {a} * {b} = {a * b} . Therefore, the answer is {a * b}."})
-    return rows
+from rows import arithmetic_rows
 
 
 @pytest.fixture(scope="module")

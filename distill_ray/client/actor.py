@@ -211,14 +211,14 @@ class QueryActor:
 def query_rows(rows: list[dict], plan: Plan, options: QueryOptions, *, num_actors: int, actor_cpus: float):
     """The query stage over in-memory rows, with blocks sized for it (see `query_dataset`).
 
-    One block = one batch = one Ray task of half an actor's in-flight budget, and never
+    One block = one batch = one Ray task of twice an actor's in-flight budget, and never
     so large that an actor is left without a block.
     """
     import ray
 
     if not rows:
         raise ValueError("query stage: no rows to send")
-    batch = max(1, min(math.ceil(options.max_in_flight / 2), math.ceil(len(rows) / num_actors)))
+    batch = max(1, min(2 * options.max_in_flight, math.ceil(len(rows) / num_actors)))
     ds = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / batch))
     return query_dataset(ds, plan, options, num_actors=num_actors, actor_cpus=actor_cpus, batch_size=batch)
 
@@ -228,24 +228,27 @@ def query_dataset(
 ):
     """`ds.map_batches(QueryActor, ...)` sized so each actor keeps `max_in_flight` busy.
 
-    Four tasks run at once per actor (threads; their rows share the actor's loop and
-    semaphore), each a batch of half the in-flight budget: an actor holds about twice
-    its budget in rows, so a slow row (a timeout, a retry chain) never leaves slots
-    idle while its batch finishes. Four more tasks wait queued per actor so the next
-    block is already local when a task ends.
+    Batches are large (twice the in-flight budget) and three run at once per actor, so
+    an actor's loop always has rows waiting for a free slot: a slow row (a timeout, a
+    retry chain) never leaves slots idle while its batch finishes, and Ray Data
+    dispatches a task only every few seconds of work, so its scheduling latency (which
+    grows badly on a busy node) stays off the request path. Two more tasks wait queued
+    per actor. Measured on 2 busy cores: batches of half the budget, one task each,
+    left actors idle for seconds between tasks; Ray Data's own async-UDF loop stalls
+    while it blocks on its output queue, hence the actor's private loop.
     """
     import ray
 
-    concurrent = 4
+    concurrent = 3
     out = ds.map_batches(
         QueryActor,
         fn_constructor_kwargs={"plan": plan, "options": options},
-        batch_size=batch_size or max(1, math.ceil(options.max_in_flight / 2)),
+        batch_size=batch_size or 2 * options.max_in_flight,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(
             size=num_actors,
             max_concurrent_calls_per_actor=concurrent,
-            max_tasks_in_flight_per_actor=concurrent + 4,
+            max_tasks_in_flight_per_actor=concurrent + 2,
             enable_true_multi_threading=True,  # else Ray Data runs one UDF call at a time
         ),
         num_cpus=actor_cpus,
@@ -254,7 +257,4 @@ def query_dataset(
     # blocks alone and the pool runs at a fraction of its budget for the first seconds.
     # The wait is bounded, so a cluster without room for the pool fails with a timeout.
     out.context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
-    import os
-    if os.environ.get("NOBP"):
-        out.context.set_config("backpressure_policies.enabled", [])
     return out

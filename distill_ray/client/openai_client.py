@@ -86,7 +86,9 @@ def make_client(
             await before_send()
 
     http_client = openai.DefaultAioHttpClient(
-        limits=httpx2.Limits(max_connections=settings.max_connections, max_keepalive_connections=settings.max_connections),
+        limits=httpx2.Limits(
+            max_connections=settings.max_connections, max_keepalive_connections=settings.max_connections
+        ),
         event_hooks={"request": [_on_request]},
     )
     return openai.AsyncOpenAI(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Literal
 
 RequestKind = Literal["chat", "completion"]
@@ -30,7 +31,8 @@ class LLMRequest:
             if not self.messages or self.prompt is not None:
                 raise ValueError("LLMRequest: a chat request needs messages and no prompt")
             for m in self.messages:
-                if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                ok = isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                if not ok:
                     raise ValueError(f"LLMRequest: each message needs string 'role' and 'content', got {m!r}")
         elif self.kind == "completion":
             if self.prompt is None or self.messages is not None:
@@ -44,6 +46,11 @@ class LLMRequest:
 
     def to_json(self) -> str:
         """Canonical JSON: sorted keys, no whitespace, so equal requests give equal text."""
+        return self._canonical
+
+    @cached_property
+    def _canonical(self) -> str:
+        # Computed once per request: the key, the cache record and the log all need it.
         d = asdict(self)
         d["messages"] = [dict(m) for m in self.messages] if self.messages is not None else None
         d["stop"] = list(self.stop) if self.stop is not None else None
@@ -66,7 +73,11 @@ class LLMRequest:
         )
 
     def key(self) -> str:
-        return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
+        return self._key
+
+    @cached_property
+    def _key(self) -> str:
+        return hashlib.sha256(self._canonical.encode("utf-8")).hexdigest()
 
     def last_user_text(self) -> str:
         if self.kind == "completion":

@@ -105,7 +105,9 @@ def start_oracle(
     if not found:
         proc.kill()
         proc.wait(timeout=5)
-        why = f"exited with code {proc.returncode} (see its stderr above)" if proc.returncode else "did not become ready"
+        why = "did not become ready"
+        if proc.returncode:
+            why = f"exited with code {proc.returncode} (see its stderr above)"
         raise RuntimeError(f"oracle teacher {why} within {ready_timeout_s:.0f}s")
     return OracleHandle(process=proc, port=found[0], model=model)
 

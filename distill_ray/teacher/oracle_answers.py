@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from distill_ray.tasks.answers import ANSWER_TRIGGER
+from distill_ray.tasks.synthetic import solve
 from distill_ray.teacher.prompts import COT_SYSTEM, last_question
 
 NON_ANSWER = "I am sorry, I cannot work out an answer to this question."
@@ -27,8 +28,6 @@ class PromptKind:
 
 
 def answer_cot(user_text: str) -> str:
-    from distill_ray.tasks.synthetic import solve
-
     question = last_question(user_text)
     solution = solve(question) if question else None
     return solution.rationale if solution is not None else NON_ANSWER

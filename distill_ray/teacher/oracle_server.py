@@ -27,7 +27,6 @@ from distill_ray.config import FaultConfig
 from distill_ray.teacher.oracle_answers import corrupt, reply_to
 
 _JSON_HEADERS = [(b"content-type", b"application/json")]
-TRACE = []
 ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 
 
@@ -40,7 +39,9 @@ class OracleState:
     # Wall-clock span of the traffic since the last reset: benchmarks measure throughput
     # from the server's side, so client start-up time does not count as serving time.
     first_request_at: float | None = None
+    first_reply_at: float | None = None
     last_reply_at: float | None = None
+    replies_per_100ms: Counter = field(default_factory=Counter)  # by 0.1 s bucket after first_request_at
 
     @property
     def any_fault(self) -> bool:
@@ -117,7 +118,6 @@ async def complete(state: OracleState, route: str, body: bytes) -> Reply:
         state.first_request_at = time.time()
     state.stats["requests"] += 1
     state.stats[route] += 1
-    _t_arrive = time.time()
     wanted = "messages" if route == "chat" else "prompt"
     try:
         payload = json.loads(body)
@@ -133,7 +133,8 @@ async def complete(state: OracleState, route: str, body: bytes) -> Reply:
     if state.faults.latency_s:
         await asyncio.sleep(state.faults.latency_s)
     if route == "chat":
-        messages = [m for m in payload["messages"] if isinstance(m, dict)] if isinstance(payload["messages"], list) else []
+        raw = payload["messages"] if isinstance(payload["messages"], list) else []
+        messages = [m for m in raw if isinstance(m, dict)]
         text, kind = reply_to(messages=messages)
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages)
     else:
@@ -146,7 +147,9 @@ async def complete(state: OracleState, route: str, body: bytes) -> Reply:
     text, finish = _cut(text, payload.get("max_tokens"))
     state.stats["answered"] += 1
     state.last_reply_at = time.time()
-    TRACE.append((_t_arrive, state.last_reply_at))
+    if state.first_reply_at is None:
+        state.first_reply_at = state.last_reply_at
+    state.replies_per_100ms[int((state.last_reply_at - state.first_request_at) * 10)] += 1
     completion_tokens = len(text.split())
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
              "total_tokens": prompt_tokens + completion_tokens}
@@ -170,13 +173,17 @@ def _fastapi_app(state: OracleState) -> FastAPI:
 
     @app.get("/stats")
     async def stats() -> Response:
-        snapshot = {"trace": TRACE, **state.stats, "first_request_at": state.first_request_at, "last_reply_at": state.last_reply_at}
+        buckets = state.replies_per_100ms
+        timeline = [buckets.get(i, 0) for i in range(max(buckets) + 1)] if buckets else []
+        snapshot = {**state.stats, "first_request_at": state.first_request_at, "first_reply_at": state.first_reply_at,
+                    "last_reply_at": state.last_reply_at, "replies_per_100ms": timeline}
         return Response(json.dumps(snapshot), media_type="application/json")
 
     @app.post("/stats/reset")
     async def reset() -> Response:
-        state.stats.clear(); TRACE.clear()
-        state.first_request_at = state.last_reply_at = None
+        state.stats.clear()
+        state.replies_per_100ms.clear()
+        state.first_request_at = state.first_reply_at = state.last_reply_at = None
         return Response(b'{"reset": true}', media_type="application/json")
 
     return app
@@ -201,6 +208,9 @@ def create_app(faults: FaultConfig, model: str = "oracle", api_key: str | None =
     as a hosted teacher would (tests use it to prove the key is sent, and sent only there).
     """
     check_faults(faults)
+    # Answer once before serving: first-call costs (regex compilation, lazy imports)
+    # would otherwise land on the first burst of requests.
+    reply_to(prompt="Question: warm-up\nAnswer:")
     state = OracleState(faults=faults, model=model)
     slow = _fastapi_app(state)
     expected = f"Bearer {api_key}".encode() if api_key else None

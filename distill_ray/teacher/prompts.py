@@ -42,7 +42,8 @@ def _check_text(what: str, text: str) -> str:
 
 
 def format_exemplar(question: str, rationale: str) -> str:
-    return f"Question: {_check_text('exemplar question', question)}\nAnswer: {_check_text('exemplar rationale', rationale)}"
+    q = _check_text("exemplar question", question)
+    return f"Question: {q}\nAnswer: {_check_text('exemplar rationale', rationale)}"
 
 
 def cot_prompt(question: str, exemplars: Sequence[Exemplar] = (), preamble: str = "") -> str:

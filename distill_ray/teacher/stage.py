@@ -87,6 +87,14 @@ def _ensure_ray(cfg: Config) -> None:
 
     if not ray.is_initialized():
         ray.init(address=cfg.cluster.address, num_cpus=cfg.cluster.num_cpus, namespace=cfg.cluster.namespace)
+    t = cfg.teacher
+    need, have = t.num_actors * t.actor_cpus, ray.cluster_resources().get("CPU", 0.0)
+    if cfg.cluster.address is None and need > have:
+        # A local cluster never grows: the actor pool would wait for CPUs that never come.
+        raise ValueError(
+            f"teacher.num_actors x teacher.actor_cpus = {t.num_actors} x {t.actor_cpus} = {need:g} CPUs, "
+            f"but the local Ray cluster has {have:g}"
+        )
 
 
 class _Progress:
