@@ -23,14 +23,10 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-@contextmanager
-def ray_session(cfg: Config):
-    """`ray.init` for the run and `ray.shutdown` after, unless Ray was already up (tests, jobs)."""
+def init_ray(cfg: Config) -> None:
+    """Start Ray here, or join the configured cluster (or the one a Ray job runs in)."""
     import ray
 
-    if ray.is_initialized():
-        yield
-        return
     os.environ.update({k: v for k, v in worker_env().items() if k not in os.environ})
     kwargs: dict = {
         "namespace": cfg.cluster.namespace,
@@ -50,6 +46,25 @@ def ray_session(cfg: Config):
     DataContext.get_current().enable_progress_bars = False
     if context.dashboard_url:
         print(f"[distill-ray] Ray dashboard: http://{context.dashboard_url}", flush=True)
+
+
+def ensure_ray(cfg: Config) -> None:
+    """For a stage called on its own: reuse a running Ray, else start one that stays up."""
+    import ray
+
+    if not ray.is_initialized():
+        init_ray(cfg)
+
+
+@contextmanager
+def ray_session(cfg: Config):
+    """`ray.init` for the run and `ray.shutdown` after, unless Ray was already up (tests, jobs)."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    init_ray(cfg)
     try:
         yield
     finally:

@@ -4,31 +4,21 @@ from __future__ import annotations
 import logging
 import os
 import re
-import socket
 import time
 
 import httpx
-import ray
 from ray import serve
 
 from distill_ray.config import Config, ServeConfig
-from distill_ray.ray_session import worker_env
+from distill_ray.ray_session import ensure_ray
 from distill_ray.serve.app import build_app
+from distill_ray.tracking import free_port
 
 logger = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 180.0
 _WILDCARD_HOSTS = {"", "0.0.0.0", "::"}
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception)\b")
-
-
-def _free_port(host: str) -> int:
-    # Asking the OS is the only reliable way to find a free port; the tiny window until
-    # Serve binds it is acceptable for tests and local runs.
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _client_host(host: str) -> str:
@@ -58,20 +48,6 @@ def _resolve_model_dir(cfg: Config, model_dir: str) -> str:
     return model_dir  # a hub id, or a path that exists on the cluster's nodes
 
 
-def _ensure_ray(cfg: Config) -> None:
-    """Join the run's Ray (normally already up via `ray_session`), or start one that outlives this call."""
-    if ray.is_initialized():
-        return
-    # Like `ray_session`, but not a context: the served app must outlive this function.
-    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
-    ray.init(
-        address=address,
-        namespace=cfg.cluster.namespace,
-        runtime_env={"env_vars": worker_env()},
-        num_cpus=None if address else cfg.cluster.num_cpus,
-    )
-
-
 def _start_serve(cfg: ServeConfig) -> int:
     """The port Serve's proxy listens on; an already running Serve keeps its own options."""
     try:
@@ -83,7 +59,7 @@ def _start_serve(cfg: ServeConfig) -> int:
         if cfg.port not in (0, port):
             logger.warning("Serve already listens on port %d; serve.port=%d is ignored", port, cfg.port)
         return port
-    port = cfg.port or _free_port(cfg.host)
+    port = cfg.port or free_port(cfg.host)
     serve.start(http_options={"host": cfg.host, "port": port})
     return port
 
@@ -132,7 +108,7 @@ def deploy_student(
     """
     model_dir = _resolve_model_dir(cfg, model_dir)
     prefix = _route_prefix(route_prefix or cfg.serve.route_prefix)
-    _ensure_ray(cfg)
+    ensure_ray(cfg)
     port = _start_serve(cfg.serve)
     try:
         serve.run(build_app(cfg.serve, model_dir), name=app_name, route_prefix=prefix, blocking=False)

@@ -25,6 +25,7 @@ from distill_ray.client.cache import CALLS_TABLE, CallWriter, decode_calls
 from distill_ray.client.openai_client import ClientSettings, Secret
 from distill_ray.client.ratelimit import get_limiter, limiter_name
 from distill_ray.config import Config
+from distill_ray.ray_session import ensure_ray
 from distill_ray.store import open_db, table_version, write_table
 from distill_ray.tasks.record import Example
 from distill_ray.teacher.cot_plan import FewShot, build_plan
@@ -85,8 +86,7 @@ def _input_row(ex: Example) -> dict:
 def _ensure_ray(cfg: Config) -> None:
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=cfg.cluster.address, num_cpus=cfg.cluster.num_cpus, namespace=cfg.cluster.namespace)
+    ensure_ray(cfg)
     t = cfg.teacher
     need, have = t.num_actors * t.actor_cpus, ray.cluster_resources().get("CPU", 0.0)
     if cfg.cluster.address is None and need > have:
