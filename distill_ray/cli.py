@@ -57,13 +57,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distill-ray: config error: {e}", file=sys.stderr)
         return 2
     from . import commands
+    from .teacher.endpoint import TeacherUnreachable
 
     try:
         return commands.dispatch(args, cfg)
     except ConfigError as e:
         print(f"distill-ray: config error: {e}", file=sys.stderr)
         return 2
-    except commands.TeacherUnreachable as e:
+    except TeacherUnreachable as e:
         print(f"distill-ray: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -6,7 +6,6 @@ import json
 import time
 
 from .config import Config
-from .teacher.endpoint import TeacherUnreachable  # noqa: F401  (re-exported for the CLI)
 
 
 def print_summary(summary: dict) -> None:

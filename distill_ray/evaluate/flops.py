@@ -51,5 +51,5 @@ def flops_model_from_config(config: PretrainedConfig) -> FlopsModel:
 
 @lru_cache(maxsize=16)
 def flops_model(model_dir: str) -> FlopsModel:
-    """FlopsModel of a saved student (a LoRA adapter dir counts as its base model)."""
+    """FlopsModel of a saved student (a Hugging Face model dir with its config.json)."""
     return flops_model_from_config(AutoConfig.from_pretrained(model_dir))

@@ -33,13 +33,20 @@ def check_reachable(cfg: Config, timeout_s: float = 10.0) -> None:
 
 
 @contextmanager
+def local_oracle(cfg: Config):
+    """The oracle teacher on loopback for the duration of the block; yields its base URL."""
+    from .oracle import start_oracle
+
+    with start_oracle(cfg.teacher.oracle, model=cfg.teacher.model) as oracle:
+        yield oracle.base_url
+
+
+@contextmanager
 def teacher_endpoint(cfg: Config):
     """Yields with `cfg.teacher.base_url` pointing at a live teacher."""
     if cfg.teacher.kind == "oracle" and not cfg.teacher.base_url:
-        from .oracle import start_oracle
-
-        with start_oracle(cfg.teacher.oracle) as oracle:
-            cfg.teacher.base_url = oracle.base_url
+        with local_oracle(cfg) as base_url:
+            cfg.teacher.base_url = base_url
             try:
                 yield
             finally:

@@ -193,9 +193,9 @@ def collect_rationales(
         if base_url is None:
             if t.kind != "oracle":
                 raise ValueError("teacher.base_url: required for a non-oracle teacher")
-            from distill_ray.teacher.oracle import start_oracle
+            from distill_ray.teacher.endpoint import local_oracle
 
-            base_url = stack.enter_context(start_oracle(t.oracle, model=t.model)).base_url
+            base_url = stack.enter_context(local_oracle(cfg))
         options = QueryOptions(
             client=ClientSettings(base_url, Secret(api_key), t.max_retries, t.timeout_s, max(100, 2 * t.max_in_flight)),
             max_in_flight=t.max_in_flight,
