@@ -100,7 +100,11 @@ def table_version(db: lancedb.DBConnection, name: str) -> int | None:
     """The latest version of a table, None when it does not exist."""
     if not table_exists(db, name):
         return None
-    return db.open_table(name).version
+    try:
+        return db.open_table(name).version
+    except ValueError:
+        # Another process is creating it: the directory is listed before its first commit lands.
+        return None
 
 
 def read_table(
