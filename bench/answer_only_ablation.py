@@ -2,9 +2,10 @@
 
     .venv/bin/python bench/answer_only_ablation.py [--set section.key=value ...]
 
-Runs the embedded default twice — `method.name=std_cot` then `answer_only` (the second
-run reads the teacher from the LanceDB cache) — and prints held-out accuracy per family
-side by side. Each run is a full pipeline run under `runs/`, tracked in MLflow.
+`distill-ray compare` over the two methods (the second run reads the teacher from the
+LanceDB cache; both train for the same number of steps), then held-out accuracy per
+family side by side with the ratio. Each run is a full pipeline run under `runs/`,
+tracked in MLflow.
 """
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from distill_ray.compare import run_compare  # noqa: E402
 from distill_ray.config import load_config  # noqa: E402
-from distill_ray.pipeline import run_pipeline  # noqa: E402
 
 
 def main() -> int:
@@ -23,22 +24,14 @@ def main() -> int:
     parser.add_argument("-c", "--config", default=None)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
-    reports = {}
-    for method in ("std_cot", "answer_only"):
-        cfg = load_config(args.config, [*args.overrides, f"method.name={method}", f"run_name=ablation-{method}"])
-        # Both train on the same kept examples with the same schedule (steps = epochs x rows
-        # / batch); answer-only rows are shorter, so it sees fewer tokens per step.
-        reports[method] = run_pipeline(cfg)
-    cot, ans = reports["std_cot"]["eval"], reports["answer_only"]["eval"]
+    cfg = load_config(args.config, [*args.overrides, "run_name=ablation"])
+    rows = {r["method"]: r for r in run_compare(cfg, ("std_cot", "answer_only"))}
+    cot, ans = rows["std_cot"], rows["answer_only"]
     print(f"\n{'task':<32}{'std_cot':>10}{'answer_only':>13}{'ratio':>8}")
-    for task in sorted(cot.per_task):
-        a, b = cot.per_task[task]["accuracy"], ans.per_task.get(task, {}).get("accuracy", float("nan"))
-        print(f"{task:<32}{a:>9.1%}{b:>12.1%}{(a / b if b else float('inf')):>8.2f}")
-    a, b = cot.metrics["accuracy"], ans.metrics["accuracy"]
-    print(f"{'overall':<32}{a:>9.1%}{b:>12.1%}{(a / b if b else float('inf')):>8.2f}")
-    for method, rep in reports.items():
-        t = rep["train"]
-        print(f"{method}: {t['steps']} steps on {t['rows']} rows, train wall {t.get('fit_wall_s', float('nan')):.0f} s")
+    for key in sorted(k for k in cot if k.startswith("accuracy")):
+        a, b = cot[key], ans.get(key, float("nan"))
+        label = "overall" if key == "accuracy" else key.removeprefix("accuracy.")
+        print(f"{label:<32}{a:>9.1%}{b:>12.1%}{(a / b if b else float('inf')):>8.2f}")
     return 0
 
 

@@ -5,7 +5,9 @@ Exit codes: 0 success, 1 a stage failed, 2 bad configuration or unreachable teac
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 from .config import ConfigError, load_config
 
@@ -13,6 +15,7 @@ USAGE_EPILOG = """examples:
   distill-ray run                                  # the embedded default, offline
   distill-ray run --set train.max_steps=100 --set tasks.synthetic.train_size=2000
   distill-ray run -c my.yaml --set teacher.kind=openai --set teacher.base_url=http://vllm:8000/v1
+  distill-ray compare --set tasks.synthetic.train_size=3000 --methods std_cot,skintern
   distill-ray submit --address http://head:8265 --follow -c my.yaml
 """
 
@@ -38,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("config", "print the resolved configuration"),
     ]:
         _common(sub.add_parser(name, help=help_))
+    cp = sub.add_parser("compare", help="run several methods on the same data and step budget; one table + plot")
+    _common(cp)
+    cp.add_argument("--methods", default=None, metavar="A,B,...",
+                    help="comma-separated method names (default: std_cot,mt_cot,kard,cascod,skintern)")
     sp = sub.add_parser("submit", help="submit `run` to a Ray cluster as a Ray job")
     _common(sp)
     sp.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://127.0.0.1:8265")
@@ -46,13 +53,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    # `ray job stop`, Kubernetes and `kill` send SIGTERM: unwind like Ctrl-C so the
+    # oracle, the MLflow server and Ray are shut down instead of left behind.
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         cfg = load_config(args.config, args.overrides)
         from .methods import get_recipe
 
         get_recipe(cfg.method.name)
+        for name in (getattr(args, "methods", None) or "").split(","):
+            if name.strip():
+                try:
+                    get_recipe(name.strip())
+                except ValueError as e:
+                    raise ValueError(f"--methods: {str(e).removeprefix('method.name: ')}") from None
     except (ConfigError, ValueError) as e:
         print(f"distill-ray: config error: {e}", file=sys.stderr)
         return 2
@@ -68,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distill-ray: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("distill-ray: interrupted", file=sys.stderr)
+        print("distill-ray: interrupted; stopped what this run started", file=sys.stderr)
         return 130
 
 

@@ -41,19 +41,27 @@ def dispatch(args: argparse.Namespace, cfg: Config) -> int:
         from .submit import submit
 
         return submit(args, cfg)
+    if args.command == "compare":
+        from .compare import DEFAULT_METHODS, run_compare
+
+        methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else DEFAULT_METHODS
+        run_compare(cfg, methods)
+        return 0
     if args.command == "run":
         print_summary(pipeline.run_pipeline(cfg))
         return 0
     with pipeline.run_context(cfg) as ctx:
         if args.command in ("collect", "train"):
-            teacher = pipeline.stage_collect(ctx)
+            method_ctx = pipeline.stage_collect(ctx)
             if args.command == "train":
-                pipeline.stage_train(ctx, teacher)
+                pipeline.stage_train(ctx, method_ctx)
                 print_summary(ctx.summary)
             return 0
         model_dir = pipeline.trained_model_dir(cfg)
         if args.command == "eval":
-            pipeline.stage_eval(ctx, model_dir)
+            # The recipe's inference may read teacher outputs (KARD's knowledge): the
+            # cache makes this a lookup, not a second round of teacher calls.
+            pipeline.stage_eval(ctx, model_dir, pipeline.stage_collect(ctx))
             print_summary(ctx.summary)
             return 0
         if args.command == "serve":

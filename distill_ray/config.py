@@ -87,9 +87,42 @@ class TeacherConfig(Section):
     oracle: FaultConfig = FaultConfig()
 
 
+class SkinternConfig(Section):
+    """SKIntern's linear-decay curriculum (METHODS.md): stage t keeps r_t of K and k_t examples."""
+
+    stages: int = Field(4, ge=2)  # T; the last stage trains on the question alone
+    keep_ratio_start: float = Field(1.0, gt=0, le=1)  # r_0, decaying linearly to 0 at stage T-1
+    examples_start: int = Field(3, ge=0)  # k_0, decaying linearly to 0 at stage T-1
+    compressor_model: str | None = None  # causal LM scoring token self-information; None = the student so far
+    compress_actors: int = Field(1, ge=1)
+    compress_cpus: float = Field(0.5, gt=0)
+
+
+class KardConfig(Section):
+    top_k: int = Field(3, ge=1)  # knowledge entries retrieved into every prompt
+
+
+class MtCotConfig(Section):
+    rationale_weight: float = Field(0.7, ge=0)
+    answer_weight: float = Field(0.3, ge=0)
+
+
 class MethodConfig(Section):
     name: str = "std_cot"
-    options: dict[str, Any] = {}
+    skintern: SkinternConfig = SkinternConfig()
+    kard: KardConfig = KardConfig()
+    mt_cot: MtCotConfig = MtCotConfig()
+
+
+class KnowledgeConfig(Section):
+    """Embeddings for knowledge, demonstrations and retrieval (offline MiniLM by default)."""
+
+    embedding_model: str = "all-MiniLM-L6-v2"  # a sentence-transformers dir, or the packaged MiniLM
+    # Two half-CPU actors: Ray gives a fractional actor one torch thread, so one actor
+    # would use a single core of a 2-core box. They start after the teacher's pool is gone.
+    embed_actors: int = Field(2, ge=1)
+    embed_cpus: float = Field(0.5, gt=0)
+    batch_size: int = Field(128, ge=1)
 
 
 class LoraConfig(Section):
@@ -181,6 +214,7 @@ class Config(Section):
     tasks: dict[str, TaskSpec] = {"synthetic": SyntheticTask()}
     teacher: TeacherConfig = TeacherConfig()
     method: MethodConfig = MethodConfig()
+    knowledge: KnowledgeConfig = KnowledgeConfig()
     student: StudentConfig = StudentConfig()
     train: TrainConfig = TrainConfig()
     serve: ServeConfig = ServeConfig()

@@ -15,7 +15,7 @@ import mlflow
 
 from .config import Config, ConfigError
 from .methods import get_recipe
-from .methods.recipe import Recipe
+from .methods.recipe import MethodContext, Recipe, TrainJob
 from .ray_session import ray_session
 from .tasks.record import Example
 from .tasks.sources import load_tasks
@@ -82,39 +82,44 @@ def run_context(cfg: Config):
             client.set_terminated(ctx.parent_run_id, status=status)
 
 
-def stage_collect(ctx: RunContext) -> dict[str, dict[str, dict]]:
+def stage_collect(ctx: RunContext) -> MethodContext:
     """Everything the recipe needs from the teacher, keyed by need then example id."""
     from .teacher.needs import collect_need
 
     outputs: dict[str, dict[str, dict]] = {}
+    tables: dict[str, str] = {}
     run_id = ctx.child_run("collect")
     for need in ctx.recipe.needs:
         result = collect_need(need, ctx.cfg, ctx.train)
-        outputs[need] = result.by_id
+        outputs[need], tables[need] = result.by_id, result.table
         ctx.log_metrics(run_id, {f"{need}.{k}": v for k, v in result.stats.items()})
         for table, version in result.versions.items():
             ctx.client.set_tag(ctx.parent_run_id, f"lancedb.{table}.version", str(version))
             ctx.client.set_tag(run_id, f"lancedb.{table}.version", str(version))
     ctx.client.set_terminated(run_id)
-    return outputs
+    return MethodContext(ctx.cfg, outputs, tables)
 
 
-def stage_train(ctx: RunContext, teacher: dict[str, dict[str, dict]]):
+def _train_once(job: TrainJob, recipe: Recipe):
+    """The common schedule: one Ray Train run on the recipe's rows."""
     from .train.trainer import run_training
 
-    rows = [r.as_dict() for r in ctx.recipe.train_rows(ctx.train, teacher)]
+    rows = [r.as_dict() for r in recipe.train_rows(job.examples, job.ctx)]
     if not rows:
-        raise RuntimeError("train: the teacher stage kept no rationale, so there is nothing to train on")
+        raise RuntimeError(f"train: method {recipe.name!r} built no training rows from the teacher's outputs")
+    result = run_training(job.ctx.cfg, rows, output_dir=job.output_dir, name=recipe.name, mlflow_target=job.mlflow_target)
+    result.metrics["train_rows"] = len(rows)
+    return result
+
+
+def stage_train(ctx: RunContext, method_ctx: MethodContext):
     run_id = ctx.child_run("train")
-    ctx.client.log_param(run_id, "train_rows", len(rows))
-    result = run_training(
-        ctx.cfg, rows, output_dir=str(Path(ctx.cfg.run_dir).resolve() / "train"), name=ctx.cfg.method.name,
-        mlflow_target=(ctx.tracking.uri, run_id),
-    )
+    job = TrainJob(method_ctx, ctx.train, str(Path(ctx.cfg.run_dir).resolve() / "train"), (ctx.tracking.uri, run_id))
+    result = ctx.recipe.train(job) if ctx.recipe.train else _train_once(job, ctx.recipe)
     ctx.log_metrics(run_id, {f"final_{k}": v for k, v in result.metrics.items()})
     ctx.client.set_tag(run_id, "model_dir", result.model_dir)
     ctx.client.set_terminated(run_id)
-    ctx.summary["train"] = {"rows": len(rows), "steps": result.steps, **result.metrics}
+    ctx.summary["train"] = {"rows": int(result.metrics.get("train_rows", 0)), "steps": result.steps, **result.metrics}
     Path(ctx.cfg.run_dir).mkdir(parents=True, exist_ok=True)
     (Path(ctx.cfg.run_dir) / STUDENT_POINTER).write_text(json.dumps({"model_dir": result.model_dir}))
     return result
@@ -128,7 +133,7 @@ def trained_model_dir(cfg: Config) -> str:
     return json.loads(pointer.read_text())["model_dir"]
 
 
-def stage_eval(ctx: RunContext, model_dir: str):
+def stage_eval(ctx: RunContext, model_dir: str, method_ctx: MethodContext):
     from .evaluate.stage import evaluate_endpoint, log_evaluation
     from .serve.deploy import deploy_student, shutdown_serve
 
@@ -136,7 +141,7 @@ def stage_eval(ctx: RunContext, model_dir: str):
     started = time.monotonic()
     base_url = deploy_student(ctx.cfg, model_dir)
     try:
-        report = evaluate_endpoint(ctx.cfg, ctx.test, ctx.recipe, base_url, model_dir)
+        report = evaluate_endpoint(ctx.cfg, ctx.test, ctx.recipe, base_url, model_dir, method_ctx)
     finally:
         shutdown_serve()
     log_evaluation(ctx.client, run_id, report)
@@ -153,9 +158,9 @@ def run_pipeline(cfg: Config) -> dict:
     with run_context(cfg) as ctx:
         print(f"[distill-ray] run {cfg.run_name}: method {cfg.method.name}, "
               f"{len(ctx.train)} train / {len(ctx.test)} test examples, MLflow at {ctx.tracking.uri}", flush=True)
-        teacher = stage_collect(ctx)
-        result = stage_train(ctx, teacher)
-        stage_eval(ctx, result.model_dir)
+        method_ctx = stage_collect(ctx)
+        result = stage_train(ctx, method_ctx)
+        stage_eval(ctx, result.model_dir, method_ctx)
         ctx.summary.update(
             wall_s=time.monotonic() - started, mlflow_uri=ctx.tracking.uri, ui_command=ctx.tracking.ui_command,
             parent_run_id=ctx.parent_run_id, experiment=cfg.tracking.experiment,

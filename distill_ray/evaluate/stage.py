@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 
 import mlflow
 
-from ..client.actor import QueryOptions, query_dataset
+from ..client.actor import OUTPUT_COLUMNS, QueryOptions, query_dataset
 from ..client.openai_client import ClientSettings, Secret
 from ..client.requests import LLMRequest
 from ..config import Config
-from ..methods.recipe import STOP, Recipe
+from ..methods.recipe import STOP, MethodContext, Recipe
 from ..tasks.answers import score
 from ..tasks.record import Example
 from .flops import flops_model
@@ -25,11 +25,16 @@ from .flops import flops_model
 
 @dataclass(frozen=True)
 class EvalPlan:
-    """Ask once, greedy; every reply is accepted and scored (a wrong answer is data, not an error)."""
+    """Ask once, greedy; every reply is accepted (a wrong answer is data, not an error).
+
+    With `score` the reply is the final one and is scored; without, it is an
+    intermediate reply (CasCoD's rationale) that the next call builds on.
+    """
 
     model: str
     max_tokens: int
     temperature: float = 0.0
+    score: bool = True
     max_tries: int = 1
     payload_fields: tuple[str, ...] = ("prediction", "correct")
 
@@ -38,6 +43,8 @@ class EvalPlan:
                           max_tokens=self.max_tokens, stop=tuple(STOP))
 
     def check(self, row: dict, response_text: str) -> tuple[bool, str, dict]:
+        if not self.score:
+            return True, "", {}
         prediction, correct = score(response_text, Example.from_row(row))
         return True, "", {"prediction": prediction, "correct": bool(correct)}
 
@@ -49,34 +56,59 @@ class EvalReport:
     predictions: list[dict] = field(repr=False)
 
 
+def _options(cfg: Config, base_url: str) -> QueryOptions:
+    return QueryOptions(
+        client=ClientSettings(base_url=base_url, api_key=Secret("unused"), max_retries=3, timeout_s=120.0),
+        max_in_flight=cfg.eval.max_in_flight,
+        cache_uri=None,  # a student's answers are what is being measured: never served from a cache
+    )
+
+
+class _FollowUp:
+    """Between two inference calls: keep the first call's reply and usage, build the next prompt."""
+
+    def __init__(self, recipe: Recipe, extras: dict[str, dict]) -> None:
+        self.follow_up, self.extras = recipe.follow_up, extras
+
+    def __call__(self, row: dict) -> dict:
+        first = {f"first_{k}": row[k] for k in ("status", "output", "prompt_tokens", "completion_tokens")}
+        out = {k: v for k, v in row.items() if k not in OUTPUT_COLUMNS}
+        ex = Example.from_row(row)
+        out["prompt"] = self.follow_up(ex, self.extras.get(ex.id, {}), row["output"] or "")
+        return {**out, **first}
+
+
 def evaluate_endpoint(cfg: Config, examples: list[Example], recipe: Recipe, base_url: str, model_dir: str,
-                      *, progress: bool = True) -> EvalReport:
+                      method_ctx: MethodContext | None = None, *, progress: bool = True) -> EvalReport:
+    """Score the served student on `examples`, prompted the way `recipe` says.
+
+    A recipe with `follow_up` makes two calls per example (the second built from the
+    first reply); tokens and FLOPs then add up over both calls.
+    """
     import ray
 
     if cfg.eval.limit:
         examples = examples[: cfg.eval.limit]
     if not examples:
         raise ValueError("eval: the test split is empty")
-    rows = [{**ex.to_row(), "prompt": recipe.prompt(ex)} for ex in examples]
-    plan = EvalPlan(model=cfg.serve.model_name, max_tokens=cfg.eval.max_new_tokens, temperature=cfg.eval.temperature)
-    options = QueryOptions(
-        client=ClientSettings(base_url=base_url, api_key=Secret("unused"), max_retries=3, timeout_s=120.0),
-        max_in_flight=cfg.eval.max_in_flight,
-        cache_uri=None,  # a student's answers are what is being measured: never served from a cache
-    )
-    ds = query_dataset(ray.data.from_items(rows), plan, options, num_actors=cfg.eval.num_actors, actor_cpus=0.25)
+    extras = recipe.annotate(examples, method_ctx) if recipe.annotate and method_ctx else {}
+    rows = [{**ex.to_row(), "prompt": recipe.prompt(ex, extras.get(ex.id, {}))} for ex in examples]
+    options = _options(cfg, base_url)
+    final = EvalPlan(model=cfg.serve.model_name, max_tokens=cfg.eval.max_new_tokens, temperature=cfg.eval.temperature)
+    ds = ray.data.from_items(rows)
+    if recipe.follow_up is not None:
+        first = EvalPlan(final.model, final.max_tokens, final.temperature, score=False, payload_fields=())
+        ds = query_dataset(ds, first, options, num_actors=cfg.eval.num_actors, actor_cpus=0.25)
+        # A light task between the two pools: with the default 1 CPU it would wait forever
+        # on a small node whose CPUs the replica and both actor pools already hold.
+        ds = ds.map(_FollowUp(recipe, extras), num_cpus=0.1)
+    ds = query_dataset(ds, final, options, num_actors=cfg.eval.num_actors, actor_cpus=0.25)
     fm = flops_model(model_dir)
     started, last = time.monotonic(), 0.0
     predictions: list[dict] = []
     for batch in ds.iter_batches(batch_size=64, batch_format="pyarrow"):
         for r in batch.to_pylist():
-            flops = fm.example(r["prompt_tokens"], r["completion_tokens"])
-            predictions.append({
-                "id": r["id"], "task": r["task"], "question": r["question"], "gold": r["answer"],
-                "prediction": r["prediction"], "correct": bool(r["correct"]) and r["status"] == "kept",
-                "status": r["status"], "reason": r["reason"], "output": r["output"],
-                "prompt_tokens": r["prompt_tokens"], "completion_tokens": r["completion_tokens"], **flops,
-            })
+            predictions.append(_prediction(r, fm))
         now = time.monotonic()
         if progress and now - last > 5:
             last = now
@@ -84,6 +116,23 @@ def evaluate_endpoint(cfg: Config, examples: list[Example], recipe: Recipe, base
             print(f"[eval] {len(predictions)}/{len(rows)} scored, accuracy so far {acc:.1%}, "
                   f"{len(predictions) / (now - started):.1f} ex/s", flush=True)
     return summarize(predictions)
+
+
+def _prediction(r: dict, fm) -> dict:
+    calls = [(r["prompt_tokens"], r["completion_tokens"])]
+    status = r["status"]
+    if "first_status" in r:  # two-call inference: both calls cost, both must have succeeded
+        calls.insert(0, (r["first_prompt_tokens"], r["first_completion_tokens"]))
+        status = r["first_status"] if r["first_status"] != "kept" else status
+    costs = [fm.example(p, c) for p, c in calls]
+    flops = {k: sum(c[k] for c in costs) for k in costs[0]}
+    output = r["output"] if "first_output" not in r else f"{r['first_output']}\n--\n{r['output']}"
+    return {
+        "id": r["id"], "task": r["task"], "question": r["question"], "gold": r["answer"],
+        "prediction": r["prediction"], "correct": bool(r["correct"]) and status == "kept",
+        "status": status, "reason": r["reason"], "output": output, "calls": len(calls),
+        "prompt_tokens": sum(p for p, _ in calls), "completion_tokens": sum(c for _, c in calls), **flops,
+    }
 
 
 def _means(rows: list[dict]) -> dict[str, float]:

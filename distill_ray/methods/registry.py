@@ -1,10 +1,21 @@
 """Name -> recipe. Adding a method is one module and one line here."""
 from __future__ import annotations
 
-from . import answer_only, std_cot
+from . import answer_only, cascod, kard, mt_cot, std_cot
+from . import skintern
 from .recipe import Recipe
 
-_RECIPES: dict[str, Recipe] = {r.name: r for r in (std_cot.RECIPE, answer_only.RECIPE)}
+_RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        std_cot.RECIPE,
+        answer_only.RECIPE,
+        mt_cot.RECIPE,
+        cascod.RECIPE,
+        kard.RECIPE,
+        skintern.RECIPE,
+    )
+}
 
 
 def recipe_names() -> list[str]:

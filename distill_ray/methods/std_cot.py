@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 from ..tasks.record import Example
-from .recipe import Recipe, TrainRow, question_prompt
+from .recipe import MethodContext, Recipe, TrainRow, question_prompt
 
 
-def train_rows(examples: list[Example], teacher: dict[str, dict[str, dict]]) -> list[TrainRow]:
-    kept = teacher["rationales"]
+def train_rows(examples: list[Example], ctx: MethodContext) -> list[TrainRow]:
+    kept = ctx.teacher["rationales"]
     return [TrainRow(question_prompt(ex.question), " " + kept[ex.id]["rationale"]) for ex in examples if ex.id in kept]
 
 

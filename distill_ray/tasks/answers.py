@@ -48,6 +48,17 @@ def _after_last_trigger(text: str) -> str | None:
     return text[last.end():] if last else None
 
 
+def without_answer_sentence(text: str) -> str:
+    """The reasoning of a rationale, its closing "Therefore, the answer is X." removed."""
+    i = text.rfind(ANSWER_TRIGGER)
+    if i < 0:
+        last = None
+        for last in _TRIGGER_RE.finditer(text):
+            pass
+        i = last.start() if last else len(text)
+    return text[:i].rstrip()
+
+
 def _canonical_number(sign: str | None, digits: str) -> str:
     value = Decimal(digits.replace(",", ""))
     if sign in ("-", "\u2212"):

@@ -1,8 +1,9 @@
 """What the oracle teacher says: a small dispatch table of prompt kinds.
 
 A prompt kind is recognised by the first words of its system instruction (chat) and
-answered from the prompt text alone. Std-CoT is the only kind today; knowledge writing,
-error analysis and decomposition prompts plug in as new rows of `PROMPT_KINDS`.
+answered from the prompt text alone. Kinds today: Std-CoT rationales and SKIntern
+knowledge; error analysis and decomposition prompts plug in as new rows of `PROMPT_KINDS`.
+Each kind also says how to spoil a reply (`p_wrong`) so that its plan rejects it.
 """
 from __future__ import annotations
 
@@ -13,11 +14,46 @@ from dataclasses import dataclass
 
 from distill_ray.tasks.answers import ANSWER_TRIGGER
 from distill_ray.tasks.synthetic import solve
-from distill_ray.teacher.prompts import COT_SYSTEM, last_question
+from distill_ray.teacher.prompts import (
+    COT_SYSTEM,
+    KNOWLEDGE_SYSTEM,
+    SUMMARY_HEADING,
+    SUPPLEMENTARY_HEADING,
+    last_question,
+    render_knowledge,
+)
 
 NON_ANSWER = "I am sorry, I cannot work out an answer to this question."
 
 _ANSWER_SENTENCE_RE = re.compile(re.escape(ANSWER_TRIGGER) + r"\s+(?P<ans>[^\n]*?)\.?\s*$")
+
+
+# How to approach each synthetic family: the oracle's learning summaries. Items are
+# written in the suite's space-separated style, since students read K as input.
+_FAMILY_SUMMARIES: dict[str, tuple[str, ...]] = {
+    "unit_conversion": (
+        "recall how many base units one of each unit is worth",
+        "multiply each count by the size of its unit in base units",
+        "a count already in the base unit stays as it is",
+        "add the converted amounts to get the total",
+    ),
+    "mul_sub": (
+        "multiply the number of boxes by the number in each box to get the total",
+        "subtract what is given away from the total",
+    ),
+    "chain": (
+        "start from the first amount",
+        "apply each change in the order it is told , one at a time",
+        "the amount after the last change is the answer",
+    ),
+}
+# What each chain phrase means, as a rule the student can reuse.
+_CHAIN_RULES = (
+    (re.compile(r"gets (\d) more"), "getting {} more means adding {}"),
+    (re.compile(r"loses (\d)"), "losing {} means subtracting {}"),
+    (re.compile(r"doubles them"), "doubling means multiplying by 2"),
+    (re.compile(r"triples them"), "tripling means multiplying by 3"),
+)
 
 
 @dataclass(frozen=True)
@@ -25,6 +61,7 @@ class PromptKind:
     name: str
     system_prefix: str  # how a chat request announces this kind
     answer: Callable[[str], str]  # last user message (or completion prompt) -> reply
+    corrupt: Callable[[str, random.Random], str]  # a reply its plan must reject (p_wrong)
 
 
 def answer_cot(user_text: str) -> str:
@@ -33,10 +70,68 @@ def answer_cot(user_text: str) -> str:
     return solution.rationale if solution is not None else NON_ANSWER
 
 
+def synthetic_knowledge(question: str) -> tuple[list[str], list[str]] | None:
+    """(learning summary, supplementary knowledge) for a suite question; None if it is not one.
+
+    Supplementary: the question's facts (unit definitions, products, what each chain
+    step means), never the whole worked solution.
+    """
+    solution = solve(question)
+    if solution is None:
+        return None
+    facts: list[str] = []
+    if solution.family == "chain":
+        for regex, rule in _CHAIN_RULES:
+            facts.extend(rule.format(*m.groups(), *m.groups()) for m in regex.finditer(question))
+    facts.extend(solution.knowledge)
+    for step in solution.decomposition:
+        facts.extend(part for part in step.answer.split(" . ") if " * " in part)
+    return list(_FAMILY_SUMMARIES[solution.family]), list(dict.fromkeys(facts))
+
+
+def answer_knowledge(user_text: str) -> str:
+    question = last_question(user_text)
+    knowledge = synthetic_knowledge(question) if question else None
+    return render_knowledge(*knowledge) if knowledge is not None else NON_ANSWER
+
+
+def corrupt_cot(reply: str, rng: random.Random) -> str:
+    """A well-formed but wrong reply: another final number, or no answer sentence at all."""
+    m = _ANSWER_SENTENCE_RE.search(reply)
+    if m is None:
+        return reply
+    if rng.random() < 0.5:
+        # The rationale stops before committing to an answer (ill-formed for Std-CoT).
+        return reply[: m.start()].rstrip()
+    ans = m["ans"].strip()
+    try:
+        wrong = str(int(ans) + rng.randint(1, 9))
+    except ValueError:
+        wrong = "none of these"
+    return f"{reply[: m.start()]}{ANSWER_TRIGGER} {wrong}."
+
+
+def corrupt_knowledge(reply: str, rng: random.Random) -> str:
+    """Knowledge a careless teacher might send: a section cut off, an empty item, no numbering."""
+    cut = reply.find(SUPPLEMENTARY_HEADING)
+    if cut < 0 or not reply.startswith(SUMMARY_HEADING):
+        return reply  # a non-answer is rejected as it is
+    r = rng.random()
+    if r < 1 / 3:
+        return reply[:cut].rstrip()
+    if r < 2 / 3:
+        return re.sub(r"(?m)^(\d+\.) .*\Z", r"\1", reply)  # the last item left blank
+    return re.sub(r"(?m)^\d+\. ", "- ", reply)
+
+
 PROMPT_KINDS: tuple[PromptKind, ...] = (
-    PromptKind("cot", COT_SYSTEM[:40], answer_cot),
+    PromptKind("cot", COT_SYSTEM[:40], answer_cot, corrupt_cot),
+    PromptKind("knowledge", KNOWLEDGE_SYSTEM[:40], answer_knowledge, corrupt_knowledge),
 )
 DEFAULT_KIND = PROMPT_KINDS[0]
+_KINDS_BY_NAME = {kind.name: kind for kind in PROMPT_KINDS}
+if len({kind.system_prefix for kind in PROMPT_KINDS}) != len(PROMPT_KINDS):
+    raise RuntimeError("two oracle prompt kinds share a system prefix; they could not be told apart")
 
 
 def kind_of(messages: list[dict] | None) -> PromptKind:
@@ -57,17 +152,9 @@ def reply_to(messages: list[dict] | None = None, prompt: str | None = None) -> t
     return kind.answer(text), kind.name
 
 
-def corrupt(reply: str, rng: random.Random) -> str:
-    """A well-formed but wrong reply: another final number, or no answer sentence at all."""
-    m = _ANSWER_SENTENCE_RE.search(reply)
-    if m is None:
-        return reply
-    if rng.random() < 0.5:
-        # The rationale stops before committing to an answer (ill-formed for Std-CoT).
-        return reply[: m.start()].rstrip()
-    ans = m["ans"].strip()
+def corrupt(reply: str, rng: random.Random, kind: str = DEFAULT_KIND.name) -> str:
+    """A reply of prompt kind `kind` spoiled so that its plan rejects it."""
     try:
-        wrong = str(int(ans) + rng.randint(1, 9))
-    except ValueError:
-        wrong = "none of these"
-    return f"{reply[: m.start()]}{ANSWER_TRIGGER} {wrong}."
+        return _KINDS_BY_NAME[kind].corrupt(reply, rng)
+    except KeyError:
+        raise ValueError(f"unknown oracle prompt kind {kind!r} (known: {', '.join(_KINDS_BY_NAME)})") from None

@@ -143,7 +143,7 @@ async def complete(state: OracleState, route: str, body: bytes) -> Reply:
     state.stats[f"kind_{kind}"] += 1
     if rng is not None and state.faults.p_wrong and rng.random() < state.faults.p_wrong:
         state.stats["wrong"] += 1
-        text = corrupt(text, rng)
+        text = corrupt(text, rng, kind)
     text, finish = _cut(text, payload.get("max_tokens"))
     state.stats["answered"] += 1
     state.last_reply_at = time.time()

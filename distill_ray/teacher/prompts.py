@@ -1,4 +1,4 @@
-"""Std-CoT teacher prompts: few-shot chain of thought in the house format.
+"""Teacher prompts in the house format: Std-CoT rationales and SKIntern knowledge.
 
     Question: <exemplar question>
     Answer: <exemplar rationale> Therefore, the answer is X.
@@ -11,6 +11,16 @@
 The last "Question: ..." block is always the target, so anything reading the prompt
 (the oracle teacher, a log reader) can recover the question with `last_question`.
 Chat requests carry a short system instruction and one user message holding all of it.
+
+Knowledge prompts use the same blocks with the gold answer filled in and the knowledge
+(K) after it; the target block ends after its answer, and the reply is K:
+
+    Question: <q>
+    Answer: <gold answer>
+    Learning Summary:
+    1. ...
+    Supplementary Knowledge:
+    1. ...
 """
 from __future__ import annotations
 
@@ -26,7 +36,18 @@ COT_SYSTEM = (
     f"and finish with the sentence '{ANSWER_TRIGGER} X.' where X is the final answer."
 )
 
+# Starts with other words than COT_SYSTEM: the oracle tells the kinds apart by them.
+KNOWLEDGE_SYSTEM = (
+    "Write the knowledge a student needs for the last question, whose correct answer is given. "
+    "Reply with 'Learning Summary:' and a numbered list of general lessons for solving this kind "
+    "of problem, then 'Supplementary Knowledge:' and a numbered list of the specific facts, "
+    "definitions and rules it relies on. Do not solve the question."
+)
+SUMMARY_HEADING = "Learning Summary:"
+SUPPLEMENTARY_HEADING = "Supplementary Knowledge:"
+
 Exemplar = tuple[str, str]  # (question, rationale ending with the answer sentence)
+KnowledgeExemplar = tuple[str, str, str]  # (question, gold answer, knowledge text)
 
 _QA_BLOCK_RE = re.compile(r"(?:^|\n\n)Q:\s*(.*?)\nA:\s*(.*?)(?=\n\nQ:|\Z)", re.DOTALL)
 _BBH_TRIGGER_RE = re.compile(r"So the answer is", re.IGNORECASE)
@@ -61,6 +82,50 @@ def cot_messages(question: str, exemplars: Sequence[Exemplar] = (), preamble: st
     return (
         {"role": "system", "content": COT_SYSTEM},
         {"role": "user", "content": cot_prompt(question, exemplars, preamble)},
+    )
+
+
+def _numbered(items: Sequence[str], what: str) -> list[str]:
+    if isinstance(items, str) or not items:
+        raise ValueError(f"{what} must be a non-empty list of texts, got {items!r}")
+    out = []
+    for i, item in enumerate(items, start=1):
+        if not isinstance(item, str) or not item.strip() or "\n" in item.strip():
+            raise ValueError(f"{what} item {i} must be non-empty text on one line, got {item!r}")
+        out.append(f"{i}. {item.strip()}")
+    return out
+
+
+def render_knowledge(summary: Sequence[str], supplementary: Sequence[str], *, inline: bool = False) -> str:
+    """K as the teacher writes it (one item a line), or `inline` on one line for student inputs."""
+    parts = [SUMMARY_HEADING, *_numbered(summary, "learning summary"),
+             SUPPLEMENTARY_HEADING, *_numbered(supplementary, "supplementary knowledge")]
+    return " ".join(parts) if inline else "\n".join(parts)
+
+
+def _qa_block(question: str, answer: str, what: str) -> str:
+    return f"Question: {_check_text(f'{what} question', question)}\nAnswer: {_check_text(f'{what} answer', answer)}"
+
+
+def knowledge_prompt(question: str, answer: str, exemplars: Sequence[KnowledgeExemplar] = (),
+                     preamble: str = "") -> str:
+    """Worked (question, answer, knowledge) blocks, then the target question and its gold answer."""
+    blocks = [preamble.strip()] if preamble and preamble.strip() else []
+    for i, triple in enumerate(exemplars):
+        if not isinstance(triple, (tuple, list)) or len(triple) != 3:
+            raise ValueError(f"knowledge exemplar {i} must be a (question, answer, knowledge) triple, got {triple!r}")
+        q, a, k = triple
+        what = f"knowledge exemplar {i}"
+        blocks.append(f"{_qa_block(q, a, what)}\n{_check_text(f'{what} knowledge', k)}")
+    blocks.append(_qa_block(question, answer, "target"))
+    return "\n\n".join(blocks)
+
+
+def knowledge_messages(question: str, answer: str, exemplars: Sequence[KnowledgeExemplar] = (),
+                       preamble: str = "") -> tuple[dict, ...]:
+    return (
+        {"role": "system", "content": KNOWLEDGE_SYSTEM},
+        {"role": "user", "content": knowledge_prompt(question, answer, exemplars, preamble)},
     )
 
 

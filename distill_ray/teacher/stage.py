@@ -1,26 +1,29 @@
-"""The teacher stage: Std-CoT rationales for every training example, into LanceDB.
+"""The teacher stage: any query plan over the training examples, into LanceDB.
 
-Ray Data streams the examples through a pool of `QueryActor`s; the driver consumes the
-results as they come and
+`run_plan` is the stage; `collect_rationales` (Std-CoT) and `collect_knowledge`
+(SKIntern's K) are its two uses today. Ray Data streams the examples through a pool of
+`QueryActor`s; the driver consumes the results as they come and
   - appends the new teacher calls to `teacher_calls` in bulk, one commit per chunk from
     a writer thread, so a driver killed mid-stage keeps (and a rerun reuses) everything
     already committed;
-  - at the end overwrites `rationales` (kept) and `teacher_failures` (failed) in one
-    commit each. Overwrite rather than merge: a table then holds exactly one run's
-    outcome for exactly its examples, and its version number pins that outcome for the
-    stages downstream (recorded as lineage). Reruns are cheap because of the cache.
-Every example ends exactly once, kept or failed; a failure is never a rationale.
+  - at the end overwrites the output table (kept, e.g. `rationales`) and its failures
+    table (e.g. `teacher_failures`) in one commit each. Overwrite rather than merge: a
+    table then holds exactly one run's outcome for exactly its examples, and its version
+    number pins that outcome for the stages downstream (recorded as lineage). Reruns are cheap because of the cache.
+Every example ends exactly once, kept or failed; a failure is never stored as output.
 """
 from __future__ import annotations
 
 import sys
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
-from distill_ray.client.actor import QueryOptions, query_rows
+import pyarrow as pa
+
+from distill_ray.client.actor import Plan, QueryOptions, query_rows
 from distill_ray.client.cache import CALLS_TABLE, CallWriter, decode_calls
 from distill_ray.client.openai_client import ClientSettings, Secret
 from distill_ray.client.ratelimit import get_limiter, limiter_name
@@ -29,7 +32,8 @@ from distill_ray.ray_session import ensure_ray
 from distill_ray.store import open_db, table_version, write_table
 from distill_ray.tasks.record import Example
 from distill_ray.teacher.cot_plan import FewShot, build_plan
-from distill_ray.teacher.prompts import Exemplar
+from distill_ray.teacher.knowledge_plan import KnowledgeShots, build_knowledge_plan
+from distill_ray.teacher.prompts import Exemplar, KnowledgeExemplar
 from distill_ray.teacher.tables import (
     FAILURES,
     FAILURES_SCHEMA,
@@ -47,13 +51,35 @@ PROGRESS_EVERY_S = 5.0
 _COUNTERS = ("n_calls", "n_http", "n_cache_hits", "n_retries", "n_malformed", "prompt_tokens", "completion_tokens")
 
 
+@dataclass(frozen=True)
+class StageOutput:
+    """Where a plan's outcomes land. Table names are base names; the run tag is appended."""
+
+    kind: str  # what the stage collects ("rationales", "knowledge"), for progress lines
+    table: str
+    schema: pa.Schema
+    row: Callable[[dict, str], dict]  # (kept query-stage row, teacher model) -> output row
+    failures: str = FAILURES
+    # Kept rows -> the table to write (e.g. with embeddings added), timed as `finish_stat`.
+    finish: Callable[[list[dict]], pa.Table] | None = None
+    finish_stat: str = "finish_s"
+
+
 @dataclass
 class TeacherStageResult:
-    rationales_table: str
+    table: str  # the output table (kept rows)
     failures_table: str
     calls_table: str
     table_versions: dict[str, int | None]  # lineage: the versions this run wrote
     stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rationales_table(self) -> str:
+        """`table`, under the name the Std-CoT stage has always used."""
+        return self.table
+
+
+RATIONALES_OUTPUT = StageOutput("rationales", RATIONALES, RATIONALES_SCHEMA, rationale_row)
 
 
 @dataclass
@@ -83,23 +109,28 @@ def _input_row(ex: Example) -> dict:
     return {k: row[k] for k in ("id", "task", "question", "answer", "answer_type", "choices", "meta")}
 
 
-def _ensure_ray(cfg: Config) -> None:
+def check_pool_fits(cfg: Config, keys: tuple[str, str], actors: int, cpus: float) -> None:
+    """A local cluster never grows: a pool bigger than it would wait for CPUs that never come.
+
+    `keys` names the two config keys that sized the pool, for the error.
+    """
     import ray
 
-    ensure_ray(cfg)
-    t = cfg.teacher
-    need, have = t.num_actors * t.actor_cpus, ray.cluster_resources().get("CPU", 0.0)
+    need, have = actors * cpus, ray.cluster_resources().get("CPU", 0.0)
     if cfg.cluster.address is None and need > have:
-        # A local cluster never grows: the actor pool would wait for CPUs that never come.
         raise ValueError(
-            f"teacher.num_actors x teacher.actor_cpus = {t.num_actors} x {t.actor_cpus} = {need:g} CPUs, "
-            f"but the local Ray cluster has {have:g}"
+            f"{keys[0]} x {keys[1]} = {actors} x {cpus} = {need:g} CPUs, but the local Ray cluster has {have:g}"
         )
 
 
+def _ensure_ray(cfg: Config) -> None:
+    ensure_ray(cfg)
+    check_pool_fits(cfg, ("teacher.num_actors", "teacher.actor_cpus"), cfg.teacher.num_actors, cfg.teacher.actor_cpus)
+
+
 class _Progress:
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.enabled = total, enabled
+    def __init__(self, total: int, enabled: bool, kind: str = "rationales") -> None:
+        self.total, self.enabled, self.kind = total, enabled, kind
         self.start = self.last = time.monotonic()
 
     def maybe_print(self, o: _Outcome, *, final: bool = False) -> None:
@@ -108,11 +139,11 @@ class _Progress:
             return
         self.last = now
         rate = o.totals["n_http"] / max(now - self.start, 1e-9)
-        print(f"[teacher] {len(o.seen)}/{self.total} done, {len(o.kept)} kept, {len(o.failed)} failed, "
+        print(f"[teacher] {self.kind}: {len(o.seen)}/{self.total} done, {len(o.kept)} kept, {len(o.failed)} failed, "
               f"{rate:.1f} req/s", file=sys.stderr, flush=True)
 
 
-def _consume(out, writer: CallWriter, bar: _Progress, model: str) -> _Outcome:
+def _consume(out, writer: CallWriter, bar: _Progress, model: str, output: StageOutput) -> _Outcome:
     """Fold the stage's output rows into outcomes; hand call records to the writer in chunks."""
     o = _Outcome()
     pending: list[dict] = []
@@ -129,7 +160,7 @@ def _consume(out, writer: CallWriter, bar: _Progress, model: str) -> _Outcome:
                 o.totals["reasks"] += max(0, int(row["attempts"]) - 1)
                 pending.extend(decode_calls(row["calls"]))
                 if row["status"] == "kept":
-                    o.kept.append(rationale_row(row, model))
+                    o.kept.append(output.row(row, model))
                 else:
                     o.failed.append(failure_row(row, model))
                     o.reasons[reason_key(row["reason"])] += 1
@@ -166,25 +197,26 @@ def _stats(o: _Outcome, n: int, wall: float) -> dict[str, float]:
     return stats
 
 
-def collect_rationales(
+def run_plan(
     cfg: Config,
     examples: Sequence[Example],
+    plan: Plan,
+    output: StageOutput,
     *,
     run_tag: str = "",
     progress: bool = True,
-    exemplars: Mapping[str, Sequence[Exemplar] | FewShot] | None = None,
 ) -> TeacherStageResult:
-    """Ask the teacher for a rationale per example; keep the right ones; record the rest.
+    """Ask the teacher what `plan` asks about every example; keep what it accepts; record the rest.
 
-    `exemplars` (by task name) gives few-shot (question, rationale) pairs for real tasks,
-    e.g. from `prompts.pairs_from_qa_prompt(load_bbh_cot_prompt(...))`; synthetic tasks
-    default to the suite's fixed demonstrations. With `teacher.kind: oracle` and no
+    Kept rows go to `output.table`, failures to `output.failures` (both tagged with
+    `run_tag`), each in one overwrite commit. With `teacher.kind: oracle` and no
     base_url, the oracle teacher is started for the duration of the stage.
     """
     _check_examples(examples)
-    rationales_name, failures_name = table_name(RATIONALES, run_tag), table_name(FAILURES, run_tag)
+    out_name, failures_name = table_name(output.table, run_tag), table_name(output.failures, run_tag)
+    if out_name == failures_name:
+        raise ValueError(f"teacher stage: output and failures would share the table {out_name!r}")
     api_key = cfg.teacher_api_key()  # fail before any work when the key is missing
-    plan = build_plan(cfg.teacher, examples, exemplars)
     _ensure_ray(cfg)
     t0 = time.monotonic()
     t = cfg.teacher
@@ -209,16 +241,96 @@ def collect_rationales(
                          num_actors=t.num_actors, actor_cpus=t.actor_cpus)
         writer = CallWriter(db)
         try:
-            outcome = _consume(out, writer, _Progress(len(examples), progress), t.model)
+            outcome = _consume(out, writer, _Progress(len(examples), progress, output.kind), t.model, output)
         finally:
             calls_version = writer.close()
+    finish_s = None
+    kept: pa.Table | list[dict] = outcome.kept
+    if output.finish is not None:
+        t_finish = time.monotonic()
+        kept = output.finish(outcome.kept)
+        finish_s = time.monotonic() - t_finish
     versions = {
-        rationales_name: write_table(db, rationales_name, outcome.kept, "overwrite", schema=RATIONALES_SCHEMA),
+        out_name: write_table(db, out_name, kept, "overwrite", schema=output.schema),
         failures_name: write_table(db, failures_name, outcome.failed, "overwrite", schema=FAILURES_SCHEMA),
         CALLS_TABLE: calls_version or table_version(db, CALLS_TABLE),
     }
     missing = len(examples) - len(outcome.seen)
     if missing:
         raise RuntimeError(f"teacher stage: {missing} examples produced no outcome (the ones seen were written)")
-    return TeacherStageResult(rationales_name, failures_name, CALLS_TABLE, versions,
-                              _stats(outcome, len(examples), time.monotonic() - t0))
+    stats = _stats(outcome, len(examples), time.monotonic() - t0)
+    if finish_s is not None:
+        stats[output.finish_stat] = round(finish_s, 3)
+    return TeacherStageResult(out_name, failures_name, CALLS_TABLE, versions, stats)
+
+
+def collect_rationales(
+    cfg: Config,
+    examples: Sequence[Example],
+    *,
+    run_tag: str = "",
+    progress: bool = True,
+    exemplars: Mapping[str, Sequence[Exemplar] | FewShot] | None = None,
+) -> TeacherStageResult:
+    """Std-CoT: a rationale per example, kept when its answer is right (`rationales`, `teacher_failures`).
+
+    `exemplars` (by task name) gives few-shot (question, rationale) pairs for real tasks,
+    e.g. from `prompts.pairs_from_qa_prompt(load_bbh_cot_prompt(...))`; synthetic tasks
+    default to the suite's fixed demonstrations.
+    """
+    _check_examples(examples)
+    plan = build_plan(cfg.teacher, examples, exemplars)
+    return run_plan(cfg, examples, plan, RATIONALES_OUTPUT, run_tag=run_tag, progress=progress)
+
+
+def collect_knowledge(
+    cfg: Config,
+    examples: Sequence[Example],
+    *,
+    run_tag: str = "",
+    progress: bool = True,
+    exemplars: Mapping[str, Sequence[KnowledgeExemplar] | KnowledgeShots] | None = None,
+) -> TeacherStageResult:
+    """SKIntern's K per example into `knowledge` (with question and K embeddings); failures
+    into `knowledge_failures`.
+
+    `exemplars` (by task name) gives few-shot (question, gold answer, knowledge text)
+    triples for real tasks; synthetic tasks default to the suite's demonstrations with
+    the oracle's knowledge. Embedding runs on a Ray Data actor pool (`knowledge.*`),
+    after the teacher's pool has finished, for the texts not yet in the embedding cache
+    (`embeddings`, shared by every run on this LanceDB); its time is `stats["embed_s"]`,
+    texts served by the cache `embed_cache_hits`, distinct texts embedded `embed_new`.
+    """
+    from distill_ray.knowledge.embed import embed_table, model_dim, resolve_model
+    from distill_ray.knowledge.embed_cache import EmbeddingCache
+    from distill_ray.knowledge.table import (
+        KNOWLEDGE,
+        KNOWLEDGE_FAILURES,
+        TEXT_OF_VECTOR,
+        knowledge_row,
+        knowledge_schema,
+    )
+
+    _check_examples(examples)
+    table_name(KNOWLEDGE, run_tag)
+    cfg.teacher_api_key()
+    k = cfg.knowledge
+    resolve_model(k.embedding_model)  # a bad model path fails before any teacher work
+    plan = build_knowledge_plan(cfg.teacher, examples, exemplars)
+    _ensure_ray(cfg)
+    check_pool_fits(cfg, ("knowledge.embed_actors", "knowledge.embed_cpus"), k.embed_actors, k.embed_cpus)
+    dim = model_dim(k.embedding_model)
+    schema = knowledge_schema(dim)
+    cache = EmbeddingCache(cfg.lancedb_uri, k.embedding_model)  # a bad uri fails before any teacher work
+
+    def embed(rows: list[dict]) -> pa.Table:
+        # `finish` runs once the teacher's Ray Data pool is exhausted, so both pools never compete for CPUs.
+        if not rows:
+            return schema.empty_table()
+        table = pa.Table.from_pylist(rows, schema=knowledge_schema(dim, vectors=False))
+        return embed_table(table, k, TEXT_OF_VECTOR, cache=cache).select(schema.names).cast(schema)
+
+    output = StageOutput("knowledge", KNOWLEDGE, schema, knowledge_row, KNOWLEDGE_FAILURES, embed, "embed_s")
+    result = run_plan(cfg, examples, plan, output, run_tag=run_tag, progress=progress)
+    result.stats.update(cache.stats())
+    return result

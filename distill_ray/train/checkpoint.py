@@ -7,7 +7,9 @@ A checkpoint directory (one per report, merged by Ray Train from every rank's fi
                         AutoModelForCausalLM / AutoTokenizer -- when training without LoRA,
                         and always in the final checkpoint
     adapter/            with LoRA: the PEFT adapter (+ tokenizer) for multiplexed serving
-    train_state.json    {step, epoch, planned_steps, ...}, readable without torch
+    train_state.json    {step, epoch, planned_steps, checkpoint_state, ...}, readable
+                        without torch; `checkpoint_state` is whatever the caller of
+                        run_training asked to carry (a curriculum's stage and schedule)
 
 With LoRA the final export holds both: `model/` is the adapter merged into its base
 (one self-contained model every consumer can load), `adapter/` is kept for serving
@@ -26,6 +28,7 @@ MODEL_DIR = "model"
 ADAPTER_DIR = "adapter"
 STATE_FILE = "train_state.json"
 STATE_KEY = "distill_ray_train_state"  # our entry in DeepSpeed's client_state
+CALLER_STATE_KEY = "checkpoint_state"  # inside the train state: the caller's own state
 
 
 def _rank() -> int:
@@ -74,6 +77,39 @@ def load_checkpoint(engine, ckpt_dir: str) -> dict[str, Any]:
     return dict(client_state[STATE_KEY])
 
 
+def is_training_checkpoint(path: str) -> bool:
+    """A directory this trainer wrote as a checkpoint (DeepSpeed state + train state)."""
+    return os.path.isdir(os.path.join(path, DS_DIR)) and os.path.isfile(os.path.join(path, STATE_FILE))
+
+
+def continue_from_checkpoint(engine, ckpt_dir: str) -> dict[str, Any]:
+    """Start a new run from another run's checkpoint: weights (LoRA adapter included) and
+    optimizer moments, but the new run's own LR schedule and step counter.
+
+    Returns the previous run's train state. Call on every rank.
+    """
+    ds_dir = os.path.join(ckpt_dir, DS_DIR)
+    if not os.path.isdir(ds_dir):
+        raise FileNotFoundError(f"{ckpt_dir} is not a training checkpoint: no {DS_DIR}/ inside")
+    path, client_state = engine.load_checkpoint(ds_dir, load_optimizer_states=True, load_lr_scheduler_states=False)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {ds_dir}")
+    # The optimizer's param groups come back with the LR the previous run ended on
+    # (near zero at the end of a cosine); the fresh schedule's first value applies instead.
+    scheduler = engine.lr_scheduler
+    if scheduler is not None:
+        for group, lr in zip(engine.optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr
+    # DeepSpeed restores its own counters too; this run counts from zero.
+    engine.global_steps = engine.global_samples = engine.skipped_steps = 0
+    return dict((client_state or {}).get(STATE_KEY, {}))
+
+
+def read_checkpoint_state(ckpt_dir: str) -> dict[str, Any]:
+    """The `checkpoint_state` run_training carried into this checkpoint ({} if none)."""
+    return dict(read_state(ckpt_dir).get(CALLER_STATE_KEY) or {})
+
+
 def write_state(out_dir: str, state: dict[str, Any]) -> None:
     with open(os.path.join(out_dir, STATE_FILE), "w") as f:
         json.dump(state, f, indent=2, sort_keys=True)
@@ -96,7 +132,17 @@ def _merged_model(peft_module, state_dict: dict[str, torch.Tensor]):
     base = peft_module.get_base_model()
     with torch.device("meta"):
         skeleton = get_peft_model(type(base)(base.config), peft_module.peft_config["default"])
-    missing, unexpected = skeleton.load_state_dict(state_dict, strict=False, assign=True)
+    # Copies: below ZeRO-3 the state dict aliases the live parameters, and assigning them
+    # would let merge_and_unload fold the adapter into the training model's own base weights.
+    # Tied weights (embeddings / LM head) share one copy, or the export would come out untied.
+    copies: dict[tuple, torch.Tensor] = {}
+    own = {}
+    for k, v in state_dict.items():
+        key = (v.data_ptr(), v.dtype, tuple(v.shape))
+        if key not in copies:
+            copies[key] = v.detach().clone()
+        own[k] = copies[key]
+    missing, unexpected = skeleton.load_state_dict(own, strict=False, assign=True)
     weights_missing = [k for k in missing if not k.endswith("inv_freq")]
     if weights_missing or unexpected:
         raise RuntimeError(f"adapter merge: missing {weights_missing[:5]}, unexpected {list(unexpected)[:5]}")

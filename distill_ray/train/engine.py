@@ -106,13 +106,23 @@ def apply_lora(model: torch.nn.Module, lora: LoraConfig) -> torch.nn.Module:
     return get_peft_model(model, peft_config)
 
 
-def load_student_model(cfg: Config, tokenizer, init_from: str | None = None) -> torch.nn.Module:
-    """The model to fine-tune: a previous stage's output, a hub/local model, or a tiny one."""
-    from transformers import AutoModelForCausalLM
+def load_student_model(
+    cfg: Config, tokenizer, init_from: str | None = None, *, architecture_from: str | None = None
+) -> torch.nn.Module:
+    """The model to fine-tune: a previous stage's output, a hub/local model, or a tiny one.
 
+    `architecture_from`: a saved model dir whose config alone is used, weights left
+    initialised: the caller loads them from a training checkpoint next (so they are not
+    read twice, and a LoRA run gets back its original base rather than the merged export).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = DTYPES[cfg.student.dtype]
+    if architecture_from:
+        # from_config, so a live ZeRO-3 config builds it already sharded.
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(architecture_from), dtype=dtype)
     source = init_from or cfg.student.model
     if source:
-        dtype = DTYPES[cfg.student.dtype]
         return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     return tiny_model(tokenizer, TinySpec(**cfg.student.tiny.model_dump()), seed=cfg.seed)
 
@@ -126,8 +136,19 @@ class Built:
     hf_ds_config: Any = None
 
 
-def build_engine(cfg: Config, tokenizer, world_size: int, total_steps: int, init_from: str | None = None) -> Built:
-    """Model (ZeRO-3: constructed already sharded) -> optional LoRA -> DeepSpeed engine."""
+def build_engine(
+    cfg: Config,
+    tokenizer,
+    world_size: int,
+    total_steps: int,
+    init_from: str | None = None,
+    *,
+    architecture_from: str | None = None,
+) -> Built:
+    """Model (ZeRO-3: constructed already sharded) -> optional LoRA -> DeepSpeed engine.
+
+    With `architecture_from` the weights are left for a checkpoint load (load_student_model).
+    """
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -139,7 +160,7 @@ def build_engine(cfg: Config, tokenizer, world_size: int, total_steps: int, init
         deepspeed.init_distributed(dist_backend=dist.get_backend())
     ds_config = deepspeed_config(cfg.train, cfg.student, world_size)
     hf_ds_config = HfDeepSpeedConfig(ds_config) if cfg.train.zero_stage == 3 else None
-    model = load_student_model(cfg, tokenizer, init_from)
+    model = load_student_model(cfg, tokenizer, init_from, architecture_from=architecture_from)
     if cfg.student.lora.enabled:
         model = apply_lora(model, cfg.student.lora)
     optimizer, scheduler = build_optimizer(model, cfg.train, total_steps)

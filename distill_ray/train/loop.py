@@ -5,7 +5,11 @@ The driver (trainer.py) passes one plain dict:
     planned_steps    optimizer steps of the whole run (fixes the LR schedule)
     tokenizer_files  {file name: bytes} of a tokenizer trained on the driver, or None
     tokenizer_source path / hub id to load the tokenizer from when no files are given
-    init_from        a previous model dir to start from, or None
+    init_from        a previous model dir to start from (weights only), or None
+    init_checkpoint  a previous run's checkpoint dir to continue from (weights, LoRA adapter,
+                     optimizer state; a fresh LR schedule and step counter), or None
+    checkpoint_state JSON-able dict the caller wants in every checkpoint (a curriculum's
+                     stage), or None
     mlflow           (tracking_uri, run_id) or None; rank 0 alone logs to it
 """
 from __future__ import annotations
@@ -22,7 +26,9 @@ import torch
 import torch.distributed as dist
 
 from distill_ray.config import Config
-from distill_ray.train.checkpoint import load_checkpoint, save_checkpoint
+from distill_ray.train.checkpoint import (
+    CALLER_STATE_KEY, MODEL_DIR, continue_from_checkpoint, load_checkpoint, save_checkpoint,
+)
 from distill_ray.train.data import BatchPlan, Batcher, canonical_order, collate, encode_rows, validate_rows
 from distill_ray.train.engine import batch_geometry, build_engine
 from distill_ray.train.prebuild import ensure_extensions_dir
@@ -111,7 +117,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     plan = BatchPlan(len(encoded), tc.batch_size, world, micro, seed=tc.seed)
     batcher = Batcher(plan, [len(e.input_ids) for e in encoded])
 
-    built = build_engine(cfg, tokenizer, world, total, config.get("init_from"))
+    init_checkpoint = config.get("init_checkpoint")
+    built = build_engine(
+        cfg, tokenizer, world, total, config.get("init_from"),
+        architecture_from=os.path.join(init_checkpoint, MODEL_DIR) if init_checkpoint else None,
+    )
     engine = built.engine
     positions = getattr(engine.module.config, "max_position_embeddings", None)
     if positions and tc.max_seq_len > positions:
@@ -120,8 +130,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     state: dict[str, Any] = {"step": 0, "train_tokens": 0, "train_time_s": 0.0}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
+        # This run's own checkpoint wins over init_checkpoint: it already holds what that
+        # one gave, plus this run's progress.
         with checkpoint.as_directory() as ckpt_dir:
             state.update(load_checkpoint(engine, ckpt_dir))
+    elif init_checkpoint:
+        previous = continue_from_checkpoint(engine, init_checkpoint)
+        state["continued_from"] = {"checkpoint": init_checkpoint, "step": int(previous.get("step", 0))}
+    state[CALLER_STATE_KEY] = config.get("checkpoint_state") or {}
     start = int(state["step"])
     state["resumed_from"] = start
     # A fault drill fires only on a run that did not resume, so the retry gets past it.
@@ -130,6 +146,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     logger = MlflowLogger(config.get("mlflow") if rank == 0 else None)
     if rank == 0:
         resumed = f", resumed at step {start}" if start else ""
+        if checkpoint is None and init_checkpoint:
+            resumed += f", continuing from {init_checkpoint} (weights + optimizer state)"
         say(
             f"[train] {len(encoded)} rows ({truncated} targets truncated), {world} workers, "
             f"ZeRO-{tc.zero_stage}, batch {tc.batch_size} = {world}x{plan.grad_accum}x{micro}, "

@@ -3,9 +3,15 @@
 Rerunning with the same `output_dir` + `name` resumes from the run's latest checkpoint
 (Ray Train restores its own state from storage); so does a worker failure within
 `train.max_failures`.
+
+A run can start from a saved model dir (weights only) or continue another run's
+checkpoint (weights, LoRA adapter and optimizer state, with its own fresh LR schedule
+and step counter): chained curriculum stages do the latter. Whatever `checkpoint_state`
+the caller passes is written into every checkpoint (`checkpoint.read_checkpoint_state`).
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -18,7 +24,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from distill_ray.config import Config
-from distill_ray.train.checkpoint import ADAPTER_DIR, MODEL_DIR
+from distill_ray.train.checkpoint import ADAPTER_DIR, MODEL_DIR, is_training_checkpoint
 from distill_ray.train.data import canonical_order, planned_steps, validate_rows
 from distill_ray.train.engine import deepspeed_config
 from distill_ray.train.loop import train_loop_per_worker
@@ -81,6 +87,36 @@ def _tokenizer_files(cfg: Config, dataset: ray.data.Dataset, run_root: str, name
     return {n: open(os.path.join(tok_dir, n), "rb").read() for n in sorted(os.listdir(tok_dir))}
 
 
+def _init_source(init_from: str | None) -> tuple[str | None, str | None]:
+    """(model dir, checkpoint dir) for `init_from`: exactly one is set, or neither."""
+    if init_from is None:
+        return None, None
+    if os.path.isfile(os.path.join(init_from, "config.json")):
+        return init_from, None
+    if is_training_checkpoint(init_from):
+        model_dir = os.path.join(init_from, MODEL_DIR)
+        if not os.path.isfile(os.path.join(model_dir, "config.json")):
+            # Its config and tokenizer come from model/, which a LoRA run writes only at the end.
+            raise ValueError(f"init_from={init_from!r}: a checkpoint without {MODEL_DIR}/ (use the run's final checkpoint)")
+        return None, init_from
+    raise ValueError(
+        f"init_from={init_from!r} is not a saved model dir (no config.json) nor a training "
+        "checkpoint (no deepspeed/ and train_state.json)"
+    )
+
+
+def _caller_state(checkpoint_state: dict | None) -> dict:
+    if checkpoint_state is None:
+        return {}
+    if not isinstance(checkpoint_state, dict):
+        raise ValueError(f"checkpoint_state must be a dict, got {type(checkpoint_state).__name__}")
+    try:
+        # Round-tripped now: it is written as JSON into every checkpoint, mid-run.
+        return json.loads(json.dumps(checkpoint_state))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"checkpoint_state must be JSON-serialisable: {e}") from None
+
+
 def _local_dir(checkpoint, run_root: str) -> str:
     import pyarrow.fs
 
@@ -97,15 +133,18 @@ def run_training(
     name: str = "train",
     mlflow_target: tuple[str, str] | None = None,
     init_from: str | None = None,
+    checkpoint_state: dict | None = None,
 ) -> TrainResult:
     """Fine-tune the student on `rows` ({prompt, target, weight?}) with Ray Train + DeepSpeed.
 
     `output_dir` is the storage path (local dir or URI); `init_from` a previous
-    TrainResult.model_dir to start from (curriculum stages chain this way);
+    TrainResult.model_dir (weights only) or TrainResult.checkpoint_path (weights,
+    adapter and optimizer state; curriculum stages chain this way) -- a path every
+    worker can read; `checkpoint_state` a JSON-able dict saved in every checkpoint;
     `mlflow_target` = (tracking_uri, run_id) of a run the driver already created.
     """
-    if init_from is not None and not os.path.isfile(os.path.join(init_from, "config.json")):
-        raise ValueError(f"init_from={init_from!r} is not a saved model dir (no config.json)")
+    init_model, init_checkpoint = _init_source(init_from)
+    carried = _caller_state(checkpoint_state)
     remote = "://" in output_dir
     if remote and cfg.student.model is None and init_from is None:
         raise ValueError("output_dir must be a local dir when the tiny student's tokenizer is trained here")
@@ -126,8 +165,10 @@ def run_training(
         "cfg": cfg.model_dump(),
         "planned_steps": total,
         "tokenizer_files": files,
-        "tokenizer_source": init_from or cfg.student.model,
-        "init_from": init_from,
+        "tokenizer_source": init_model or (os.path.join(init_checkpoint, MODEL_DIR) if init_checkpoint else cfg.student.model),
+        "init_from": init_model,
+        "init_checkpoint": init_checkpoint,
+        "checkpoint_state": carried,
         "mlflow": tuple(mlflow_target) if mlflow_target else None,
     }
     trainer = TorchTrainer(

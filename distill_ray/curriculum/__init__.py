@@ -1,0 +1,1 @@
+"""SKIntern's progressive curriculum: schedule, K compression, demonstrations, the stage actor."""

@@ -1,0 +1,1 @@
+"""Symbolic knowledge K (SKIntern, NesyCD): its LanceDB table and offline sentence embeddings."""
