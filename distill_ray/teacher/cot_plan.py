@@ -61,18 +61,22 @@ class StdCotPlan:
         return ok, "" if ok else "wrong_answer", payload
 
 
-def default_shots(examples: Sequence[Example], k: int) -> dict[str, FewShot]:
-    """Fixed synthetic demonstrations for synthetic tasks (of the same family when possible)."""
-    shots: dict[str, FewShot] = {}
+def per_synthetic_task(examples: Sequence[Example], k: int, make) -> dict[str, list]:
+    """`make(k, family)` demonstrations for each synthetic task (mixed when the family is unknown)."""
+    out: dict[str, list] = {}
     for task in sorted({ex.task for ex in examples}):
         if task.startswith("synthetic/") and k > 0:
             family = task.split("/", 1)[1]
             try:
-                pairs = synthetic_exemplars(k, family)
+                out[task] = make(k, family)
             except ValueError:  # a family the suite does not know: mixed demonstrations
-                pairs = synthetic_exemplars(k)
-            shots[task] = FewShot(tuple(pairs))
-    return shots
+                out[task] = make(k)
+    return out
+
+
+def default_shots(examples: Sequence[Example], k: int) -> dict[str, FewShot]:
+    """Fixed synthetic demonstrations for synthetic tasks (of the same family when possible)."""
+    return {task: FewShot(tuple(pairs)) for task, pairs in per_synthetic_task(examples, k, synthetic_exemplars).items()}
 
 
 def build_plan(

@@ -172,16 +172,10 @@ def synthetic_knowledge_exemplars(k: int, family: str | None = None) -> list[Kno
 
 
 def default_knowledge_shots(examples: Sequence[Example], k: int) -> dict[str, KnowledgeShots]:
-    shots: dict[str, KnowledgeShots] = {}
-    for task in sorted({ex.task for ex in examples}):
-        if task.startswith("synthetic/") and k > 0:
-            family = task.split("/", 1)[1]
-            try:
-                triples = synthetic_knowledge_exemplars(k, family)
-            except ValueError:  # a family the suite does not know: mixed demonstrations
-                triples = synthetic_knowledge_exemplars(k)
-            shots[task] = KnowledgeShots(tuple(triples))
-    return shots
+    from distill_ray.teacher.cot_plan import per_synthetic_task
+
+    made = per_synthetic_task(examples, k, synthetic_knowledge_exemplars)
+    return {task: KnowledgeShots(tuple(triples)) for task, triples in made.items()}
 
 
 def build_knowledge_plan(
