@@ -3,6 +3,8 @@ from pathlib import Path
 
 import pytest
 
+from distill_ray.tracking import start_mlflow_server
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
@@ -12,3 +14,10 @@ def shared_data() -> Path:
         # A silent skip would let loader and scoring tests "pass" without reading a file.
         pytest.fail(f"reference data not found at {path}: these tests need ../shared/data beside the repo")
     return path
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 for the tests of one module (test_train keeps its own)."""
+    with start_mlflow_server(tmp_path_factory.mktemp("mlflow")) as server:
+        yield server

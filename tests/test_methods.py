@@ -19,7 +19,6 @@ from distill_ray.methods import get_recipe
 from distill_ray.methods.recipe import MethodContext, question_prompt
 from distill_ray.tasks.answers import score, without_answer_sentence
 from distill_ray.tasks.synthetic import generate
-from distill_ray.tracking import start_mlflow_server
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,12 +113,6 @@ TINY = [
     "--set", "train.max_steps=12", "--set", "train.checkpoint_every=6", "--set", "train.batch_size=16",
     "--set", "eval.max_new_tokens=40", "--set", "run_name=cmp",
 ]
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    with start_mlflow_server(tmp_path_factory.mktemp("mlflow")) as server:
-        yield server
 
 
 def test_compare_baselines_end_to_end(tmp_path, mlflow_server):

@@ -11,9 +11,7 @@ import sys
 from pathlib import Path
 
 import mlflow
-import pytest
 
-from distill_ray.tracking import start_mlflow_server
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -21,12 +19,6 @@ TINY = [
     "--set", "train.max_steps=16", "--set", "train.checkpoint_every=8", "--set", "train.batch_size=16",
     "--set", "eval.max_new_tokens=48", "--set", "run_name=e2e",
 ]
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    with start_mlflow_server(tmp_path_factory.mktemp("mlflow")) as server:
-        yield server
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
