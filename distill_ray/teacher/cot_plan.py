@@ -19,6 +19,23 @@ from distill_ray.teacher.prompts import Exemplar, cot_messages, cot_prompt, synt
 _TRIGGER_RE = re.compile(r"\bthe\s+answer\s+is\b", re.IGNORECASE)
 
 
+def check_reasks(temperatures: tuple[float, ...], max_tries: int) -> None:
+    if not temperatures:
+        raise ValueError("teacher.temperatures: at least one temperature is required")
+    if max_tries < 1:
+        raise ValueError(f"teacher.max_tries must be >= 1, got {max_tries}")
+
+
+def reask_sampling(temperatures: tuple[float, ...], attempt: int) -> tuple[float, int | None]:
+    """(temperature, seed) of an attempt: rising temperatures, then the last one with a seed.
+
+    Past the end of the temperature list the request would repeat an earlier one (and hit
+    its cached reply); a seed makes each further attempt a new request.
+    """
+    temperature = temperatures[min(attempt, len(temperatures) - 1)]
+    return temperature, (attempt if attempt >= len(temperatures) else None)
+
+
 @dataclass(frozen=True)
 class FewShot:
     exemplars: tuple[Exemplar, ...] = ()
@@ -36,17 +53,11 @@ class StdCotPlan:
     payload_fields: tuple[str, ...] = ("pred", "rationale")
 
     def __post_init__(self) -> None:
-        if not self.temperatures:
-            raise ValueError("teacher.temperatures: at least one temperature is required")
-        if self.max_tries < 1:
-            raise ValueError(f"teacher.max_tries must be >= 1, got {self.max_tries}")
+        check_reasks(self.temperatures, self.max_tries)
 
     def requests(self, row: dict, attempt: int) -> LLMRequest:
         shot = self.shots.get(row["task"], FewShot())
-        temperature = self.temperatures[min(attempt, len(self.temperatures) - 1)]
-        # Past the end of the temperature list the request would repeat an earlier one
-        # (and hit its cached reply); a seed makes each further attempt a new request.
-        seed = attempt if attempt >= len(self.temperatures) else None
+        temperature, seed = reask_sampling(self.temperatures, attempt)
         common = dict(model=self.model, temperature=temperature, max_tokens=self.max_tokens, seed=seed)
         if self.kind == "completion":
             return LLMRequest("completion", prompt=cot_prompt(row["question"], shot.exemplars, shot.preamble), **common)

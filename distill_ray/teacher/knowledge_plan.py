@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from distill_ray.client.requests import LLMRequest
 from distill_ray.tasks.answers import cut_at_next_question
 from distill_ray.tasks.record import Example
+from distill_ray.teacher.cot_plan import check_reasks, per_synthetic_task, reask_sampling
 from distill_ray.teacher.prompts import KnowledgeExemplar, knowledge_messages, render_knowledge
 
 SUMMARY, SUPPLEMENTARY = "Learning Summary", "Supplementary Knowledge"
@@ -133,16 +134,11 @@ class KnowledgePlan:
     payload_fields: tuple[str, ...] = ("summary", "supplementary", "knowledge")
 
     def __post_init__(self) -> None:
-        if not self.temperatures:
-            raise ValueError("teacher.temperatures: at least one temperature is required")
-        if self.max_tries < 1:
-            raise ValueError(f"teacher.max_tries must be >= 1, got {self.max_tries}")
+        check_reasks(self.temperatures, self.max_tries)
 
     def requests(self, row: dict, attempt: int) -> LLMRequest:
         shot = self.shots.get(row["task"], KnowledgeShots())
-        temperature = self.temperatures[min(attempt, len(self.temperatures) - 1)]
-        # Past the temperature list a seed keeps each further attempt a new request (not a cache hit).
-        seed = attempt if attempt >= len(self.temperatures) else None
+        temperature, seed = reask_sampling(self.temperatures, attempt)
         messages = knowledge_messages(row["question"], row["answer"], shot.exemplars, shot.preamble)
         return LLMRequest("chat", model=self.model, messages=messages, temperature=temperature,
                           max_tokens=self.max_tokens, seed=seed)
@@ -172,8 +168,6 @@ def synthetic_knowledge_exemplars(k: int, family: str | None = None) -> list[Kno
 
 
 def default_knowledge_shots(examples: Sequence[Example], k: int) -> dict[str, KnowledgeShots]:
-    from distill_ray.teacher.cot_plan import per_synthetic_task
-
     made = per_synthetic_task(examples, k, synthetic_knowledge_exemplars)
     return {task: KnowledgeShots(tuple(triples)) for task, triples in made.items()}
 
