@@ -65,9 +65,10 @@ def dispatch(args: argparse.Namespace, cfg: Config) -> int:
             print_summary(ctx.summary)
             return 0
         if args.command == "serve":
+            from .methods import get_recipe
             from .serve.deploy import deploy_student, shutdown_serve
 
-            url = deploy_student(cfg, model_dir)
+            url = deploy_student(cfg, model_dir, app=get_recipe(cfg.method.name).serve_app)
             print(f"serving {model_dir} at {url} (model name '{cfg.serve.model_name}'); Ctrl-C to stop", flush=True)
             try:
                 while True:

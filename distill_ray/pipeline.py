@@ -139,7 +139,7 @@ def stage_eval(ctx: RunContext, model_dir: str, method_ctx: MethodContext):
 
     run_id = ctx.child_run("eval")
     started = time.monotonic()
-    base_url = deploy_student(ctx.cfg, model_dir)
+    base_url = deploy_student(ctx.cfg, model_dir, app=ctx.recipe.serve_app)
     try:
         report = evaluate_endpoint(ctx.cfg, ctx.test, ctx.recipe, base_url, model_dir, method_ctx)
     finally:

@@ -7,6 +7,10 @@ The runner (pipeline.py) composes the shared stages from a recipe:
   eval      `annotate` the test examples once (e.g. KARD retrieves knowledge), send
             `prompt(example, extras)`; with `follow_up`, send a second prompt built
             from the first reply (CasCoD: Q -> R, then Q + R -> A) and score that.
+  serve     `serve_app(cfg, model_dir)` builds the Ray Serve application the eval stage
+            queries; default the plain student (NesyCD puts knowledge retrieval in
+            front of it, Socratic CoT pairs two adapters). Whatever it builds speaks the
+            OpenAI API, so evaluation and users need not know which method is behind it.
 """
 from __future__ import annotations
 
@@ -75,4 +79,5 @@ class Recipe:
     annotate: Callable[[list[Example], MethodContext], dict[str, dict]] | None = None
     follow_up: Callable[[Example, dict, str], str] | None = None
     train: Callable[[TrainJob], Any] | None = None  # returns a train.trainer.TrainResult
+    serve_app: Callable[["Config", str], Any] | None = None  # returns a ray.serve Application
     description: str = ""

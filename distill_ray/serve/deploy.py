@@ -5,9 +5,11 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 
 import httpx
 from ray import serve
+from ray.serve.deployment import Application
 
 from distill_ray.config import Config, ServeConfig
 from distill_ray.ray_session import ensure_ray
@@ -100,18 +102,21 @@ def deploy_student(
     app_name: str = "student",
     blocking: bool = False,
     route_prefix: str | None = None,
+    app: Callable[[Config, str], Application] | None = None,
 ) -> str:
     """Serve `model_dir` as `cfg.serve.model_name`; returns the base URL, e.g. http://127.0.0.1:8000/v1.
 
     `route_prefix` (default `cfg.serve.route_prefix`) lets several students share one Serve
-    instance under different prefixes. With `blocking`, serves until Ctrl-C, then removes the app.
+    instance under different prefixes. `app` builds a method's own application around the
+    student (a recipe's `serve_app`); default the plain student. With `blocking`, serves until Ctrl-C, then removes the app.
     """
     model_dir = _resolve_model_dir(cfg, model_dir)
     prefix = _route_prefix(route_prefix or cfg.serve.route_prefix)
     ensure_ray(cfg)
     port = _start_serve(cfg.serve)
     try:
-        serve.run(build_app(cfg.serve, model_dir), name=app_name, route_prefix=prefix, blocking=False)
+        application = app(cfg, model_dir) if app is not None else build_app(cfg.serve, model_dir)
+        serve.run(application, name=app_name, route_prefix=prefix, blocking=False)
     except RuntimeError as e:
         raise RuntimeError(f"student server {app_name!r} for {model_dir} failed to start: {_failure_reason(app_name) or e}") from e
     url = f"http://{_client_host(cfg.serve.host)}:{port}{prefix.rstrip('/')}/v1"
