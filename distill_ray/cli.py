@@ -17,6 +17,7 @@ USAGE_EPILOG = """examples:
   distill-ray run -c my.yaml --set teacher.kind=openai --set teacher.base_url=http://vllm:8000/v1
   distill-ray compare --set tasks.synthetic.train_size=3000 --methods std_cot,skintern
   distill-ray submit --address http://head:8265 --follow -c my.yaml
+  distill-ray kb search "Ana has 3 plims and 5 blips . How many blips is that ?" --set run_name=nesycd
 """
 
 
@@ -45,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(cp)
     cp.add_argument("--methods", default=None, metavar="A,B,...",
                     help="comma-separated method names (default: std_cot,mt_cot,kard,cascod,skintern)")
+    from .kb_cli import add_kb_parser
+
+    add_kb_parser(sub, _common)
     sp = sub.add_parser("submit", help="submit `run` to a Ray cluster as a Ray job")
     _common(sp)
     sp.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://127.0.0.1:8265")

@@ -37,6 +37,10 @@ def dispatch(args: argparse.Namespace, cfg: Config) -> int:
     if args.command == "config":
         print(json.dumps(cfg.model_dump(mode="json"), indent=2))
         return 0
+    if args.command == "kb":
+        from .kb_cli import run_kb
+
+        return run_kb(args, cfg)
     if args.command == "submit":
         from .submit import submit
 

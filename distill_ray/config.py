@@ -107,11 +107,40 @@ class MtCotConfig(Section):
     answer_weight: float = Field(0.3, ge=0)
 
 
+class NesycdConfig(Section):
+    """NesyCD (METHODS.md): a general Std-CoT student, its errors analysed by the teacher into a
+    knowledge base (LanceDB `kb_<run>`), then fine-tuning on KB-augmented inputs."""
+
+    general_fraction: float = Field(0.5, gt=0, lt=1)  # share of the step budget for the general student
+    probe_size: int | None = Field(1000, ge=1)  # training questions the general student answers to find its errors; None = all
+    retrieval: Literal["bm25", "dense", "hybrid"] = "hybrid"
+    top_k: int = Field(3, ge=1)  # entries retrieved per question ...
+    use: int = Field(1, ge=1)  # ... of which the best `use` go into the prompt
+    min_similarity: float = Field(0.3, ge=-1, le=1)  # cosine floor: a weaker best entry is no entry
+    gate_confidence: float | None = Field(None, gt=0, le=1)  # answer without the KB when the student is this sure; None: always retrieve
+    dedup_threshold: float = Field(0.95, gt=0, le=1)  # cosine at which a new entry merges into an existing one
+
+
+class SocraticConfig(Section):
+    """Socratic CoT (METHODS.md): a decomposer and a solver, two LoRA adapters on one base."""
+
+    base_training: Literal["auto", "union", "none"] = "auto"  # auto: union for a from-scratch student, none for a pretrained one
+    base_fraction: float = Field(0.5, gt=0, lt=1)  # share of the step budget for the base (union of both roles' rows)
+    adapter_rank: int = Field(8, ge=1)  # LoRA r of each adapter
+    adapter_alpha: int = Field(16, ge=1)
+    adapter_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    adapter_lr: float | None = Field(None, gt=0)  # None: train.lr
+    max_steps: int = Field(8, ge=1)  # inference: sub-questions answered before the dialogue is cut
+    step_max_tokens: int = Field(48, ge=1)  # inference: tokens per sub-question or sub-answer
+
+
 class MethodConfig(Section):
     name: str = "std_cot"
     skintern: SkinternConfig = SkinternConfig()
     kard: KardConfig = KardConfig()
     mt_cot: MtCotConfig = MtCotConfig()
+    nesycd: NesycdConfig = NesycdConfig()
+    socratic: SocraticConfig = SocraticConfig()
 
 
 class KnowledgeConfig(Section):

@@ -138,6 +138,8 @@ def stage_eval(ctx: RunContext, model_dir: str, method_ctx: MethodContext):
     from .serve.deploy import deploy_student, shutdown_serve
 
     run_id = ctx.child_run("eval")
+    for key, value in (ctx.recipe.lineage(ctx.cfg) if ctx.recipe.lineage else {}).items():
+        ctx.client.set_tag(run_id, key, value)  # e.g. the KB version the served method reads
     started = time.monotonic()
     base_url = deploy_student(ctx.cfg, model_dir, app=ctx.recipe.serve_app)
     try:
@@ -145,6 +147,9 @@ def stage_eval(ctx: RunContext, model_dir: str, method_ctx: MethodContext):
     finally:
         shutdown_serve()
     log_evaluation(ctx.client, run_id, report)
+    # Beside the MLflow artifact, in the run dir, for scripts that slice results their own way.
+    Path(ctx.cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(ctx.cfg.run_dir) / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in report.predictions))
     ctx.log_metrics(ctx.parent_run_id, report.metrics)
     ctx.client.log_metric(run_id, "eval_wall_s", time.monotonic() - started)
     ctx.client.set_terminated(run_id)

@@ -124,3 +124,21 @@ def flat_params(cfg: Config) -> dict[str, str]:
 
     walk("", cfg.model_dump(mode="json"))
     return out
+
+
+def nested_run(target: tuple[str, str] | None, suffix: str, tags: dict[str, str] | None = None) -> tuple[str, str] | None:
+    """A child of the run `target` = (tracking uri, run id), named `<parent name>/<suffix>`.
+
+    Methods that train several times in one stage (curriculum stages, NesyCD's two students)
+    give each training its own run, so step-indexed metrics never overwrite each other.
+    """
+    if target is None:
+        return None
+    import mlflow
+
+    uri, parent_id = target
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    parent = client.get_run(parent_id)
+    run = client.create_run(parent.info.experiment_id, run_name=f"{parent.info.run_name}/{suffix}",
+                            tags={"mlflow.parentRunId": parent_id, **(tags or {})})
+    return uri, run.info.run_id

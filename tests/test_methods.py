@@ -1,4 +1,4 @@
-"""The baseline recipes (MT-CoT, CasCoD, KARD) and `distill-ray compare` across them.
+"""The baseline recipes (MT-CoT, CasCoD, KARD), NesyCD end to end, and `distill-ray compare` across them.
 
 Row building is checked directly; then the CLI compares the baselines end to end on a
 tiny config — real oracle, Ray Train + DeepSpeed, Ray Serve, MLflow server — with the
@@ -14,8 +14,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from distill_ray.config import load_config
-from distill_ray.methods import get_recipe
+from distill_ray.config import Config, load_config
+from distill_ray.methods import get_recipe, nesycd
 from distill_ray.methods.recipe import MethodContext, question_prompt
 from distill_ray.tasks.answers import score, without_answer_sentence
 from distill_ray.tasks.synthetic import generate
@@ -116,9 +116,10 @@ TINY = [
 
 
 def test_compare_baselines_end_to_end(tmp_path, mlflow_server):
-    methods = ["mt_cot", "cascod", "kard"]
+    methods = ["mt_cot", "cascod", "kard", "nesycd"]
     out = subprocess.run(
         [sys.executable, "-m", "distill_ray.cli", "compare", "--methods", ",".join(methods), *TINY,
+         "--set", "method.nesycd.probe_size=40",
          "--set", f"storage.root={tmp_path}", "--set", f"tracking.uri={mlflow_server.uri}",
          "--set", "tracking.experiment=compare-test"],
         cwd=REPO, capture_output=True, text=True, timeout=1200,
@@ -156,3 +157,16 @@ def test_compare_baselines_end_to_end(tmp_path, mlflow_server):
     # KARD pays for the retrieved knowledge in every prompt.
     assert rows["kard"]["prompt_tokens_mean"] > 2 * rows["mt_cot"]["prompt_tokens_mean"]
     assert {p["calls"] for p in preds["kard"]} == {1}
+    # NesyCD: the general student's errors became a KB, the eval run records the version it read.
+    assert "[nesycd] 2/4 probe: the general student answered 40 training questions" in out.stdout
+    kb = nesycd.knowledge_base(Config.model_validate({"run_name": "cmp-nesycd", "storage": {"root": str(tmp_path)}}))
+    stats = kb.stats()
+    assert stats["entries"] >= 1 and stats["by_origin"] == {"teacher": stats["entries"]}
+    assert 1 <= stats["entries"] <= stats["sources"] <= 40
+    parent = runs["cmp-nesycd"]
+    ev = next(r for r in client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+              if r.data.tags.get("stage") == "eval")
+    assert ev.data.tags["kb.version"] == str(stats["version"])
+    train_run = next(r for r in client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+                     if r.data.tags.get("stage") == "train")
+    assert train_run.data.metrics["final_probe_errors"] == stats["sources"]

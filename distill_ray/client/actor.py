@@ -6,7 +6,9 @@ A *plan* says what to ask and what counts as a good reply:
   - `max_tries` and `payload_fields` (the payload columns every output row carries).
 Each input row yields exactly one output row: the input columns plus `status` ("kept" |
 "failed"), `reason`, `attempts`, `output`, the payload fields, per-row counters, and
-`calls` (JSON list of the new call records, for the driver to append to the cache).
+`calls` (JSON list of the new call records, for the driver to append to the cache) and
+`call_usage` (JSON list of [model, prompt tokens, completion tokens] per model call: one per
+reply, or each call a composed endpoint reports in `usage.calls`).
 
 Throughput: each actor runs several tasks (batches) at once, and the rows of all of them
 share the actor's event loop and one semaphore of `max_in_flight`, so an actor keeps
@@ -19,7 +21,7 @@ import asyncio
 import json
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import pyarrow as pa
@@ -34,6 +36,7 @@ ACTOR_START_TIMEOUT_S = 600
 OUTPUT_COLUMNS = (
     "status", "reason", "attempts", "output", "calls",
     "n_calls", "n_http", "n_cache_hits", "n_retries", "n_malformed", "prompt_tokens", "completion_tokens",
+    "call_usage",
 )
 
 
@@ -68,10 +71,13 @@ class _Counters:
     malformed: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    call_usage: list = field(default_factory=list)  # [model, prompt, completion] per model call
 
-    def add(self, response: LLMResponse) -> None:
+    def add(self, response: LLMResponse, model: str) -> None:
         self.prompt_tokens += response.prompt_tokens
         self.completion_tokens += response.completion_tokens
+        calls = response.call_usage or ((model, response.prompt_tokens, response.completion_tokens),)
+        self.call_usage.extend([m, p, c] for m, p, c in calls)
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -163,7 +169,7 @@ class QueryActor:
                     # fix the endpoint, so the row fails with the transport status.
                     return self._result(row, "failed", e.status, attempt, None, {}, calls, counters)
                 calls.append(call_record(req, response))
-            counters.add(response)
+            counters.add(response, req.model)
             try:
                 ok, reason, payload = self._plan.check(row, response.text)
             except (ValueError, KeyError, TypeError) as e:
@@ -193,8 +199,8 @@ class QueryActor:
     def _result(self, row, status, reason, attempts, output, payload, calls, c: _Counters) -> dict:
         out = dict(row)
         out.update(status=status, reason=reason, attempts=attempts, output=output)
-        for field in self._plan.payload_fields:
-            out[field] = payload.get(field)
+        for name in self._plan.payload_fields:
+            out[name] = payload.get(name)
         out.update(
             calls=json.dumps(calls, ensure_ascii=False),
             n_calls=c.calls,
@@ -204,6 +210,7 @@ class QueryActor:
             n_malformed=c.malformed,
             prompt_tokens=c.prompt_tokens,
             completion_tokens=c.completion_tokens,
+            call_usage=json.dumps(c.call_usage, ensure_ascii=False),
         )
         return out
 

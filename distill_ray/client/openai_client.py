@@ -135,8 +135,23 @@ def classify(exc: BaseException) -> str:
     return "error"
 
 
-def parse_reply(kind: str, body: bytes) -> tuple[str, int, int, str | None]:
-    """(text, prompt_tokens, completion_tokens, finish_reason); ValueError when malformed."""
+def _call_usage(usage: dict) -> tuple[tuple[str, int, int], ...]:
+    """`usage.calls` of a composed endpoint; () when absent or not a list of well-formed calls."""
+    calls = usage.get("calls")
+    if not isinstance(calls, list):
+        return ()
+    out = []
+    for c in calls:
+        ok = isinstance(c, dict) and isinstance(c.get("model"), str)
+        ok = ok and all(isinstance(c.get(k), int) and not isinstance(c.get(k), bool) for k in ("prompt_tokens", "completion_tokens"))
+        if not ok:
+            return ()
+        out.append((c["model"], c["prompt_tokens"], c["completion_tokens"]))
+    return tuple(out)
+
+
+def parse_reply(kind: str, body: bytes) -> tuple[str, int, int, str | None, tuple[tuple[str, int, int], ...]]:
+    """(text, prompt_tokens, completion_tokens, finish_reason, per-call usage); ValueError when malformed."""
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
@@ -158,7 +173,7 @@ def parse_reply(kind: str, body: bytes) -> tuple[str, int, int, str | None]:
     prompt_tokens = usage.get("prompt_tokens") if isinstance(usage.get("prompt_tokens"), int) else 0
     completion_tokens = usage.get("completion_tokens") if isinstance(usage.get("completion_tokens"), int) else 0
     finish = first.get("finish_reason")
-    return text, prompt_tokens, completion_tokens, finish if isinstance(finish, str) else None
+    return text, prompt_tokens, completion_tokens, finish if isinstance(finish, str) else None, _call_usage(usage)
 
 
 async def _post(client: openai.AsyncOpenAI, request: LLMRequest) -> httpx2.Response:
@@ -202,7 +217,7 @@ async def send(client: openai.AsyncOpenAI, request: LLMRequest, *, malformed_ret
                     status, f"{detail} after {retries} transport retries", retries=retries, malformed=malformed
                 ) from None
             try:
-                text, p_tok, c_tok, finish = parse_reply(request.kind, raw.content)
+                text, p_tok, c_tok, finish, call_usage = parse_reply(request.kind, raw.content)
             except ValueError as why:
                 if malformed >= malformed_retries:
                     raise LLMCallError(
@@ -222,6 +237,7 @@ async def send(client: openai.AsyncOpenAI, request: LLMRequest, *, malformed_ret
                 cached=False,
                 retries=max(0, tally.sent - 1 - malformed),
                 malformed=malformed,
+                call_usage=call_usage,
             )
     finally:
         _TALLY.reset(token)

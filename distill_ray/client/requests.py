@@ -96,3 +96,7 @@ class LLMResponse:
     cached: bool = False
     retries: int = field(default=0, compare=False)  # transport retries the client made for this reply
     malformed: int = field(default=0, compare=False)  # replies re-asked because their body was malformed
+    # (model, prompt tokens, completion tokens) of each model call behind this reply, when
+    # the endpoint reports them (`usage.calls`: a composed endpoint such as Socratic CoT's
+    # dialogue); empty: one call, the totals above.
+    call_usage: tuple[tuple[str, int, int], ...] = field(default=(), compare=False)

@@ -17,6 +17,7 @@ import time
 from distill_ray.curriculum.actor import CurriculumInputs, curriculum_actor, inputs_from, stage_config
 from distill_ray.methods.recipe import TrainJob
 from distill_ray.train.checkpoint import read_state
+from distill_ray.tracking import nested_run
 from distill_ray.train.trainer import TrainResult, run_training
 
 
@@ -44,26 +45,20 @@ class _Tracking:
     """The driver's MLflow side: stage, r_t, k_t on the train run; one child run per stage."""
 
     def __init__(self, target: tuple[str, str] | None):
-        self.client = self.run_id = self.experiment_id = None
+        self.client = self.run_id = None
         if target:
             import mlflow
 
             uri, self.run_id = target
             self.uri = uri
             self.client = mlflow.MlflowClient(tracking_uri=uri)
-            self.experiment_id = self.client.get_run(self.run_id).info.experiment_id
 
     def stage_run(self, t: int, existing: str | None) -> tuple[str, str] | None:
         if self.client is None:
             return None
         if existing:
             return self.uri, existing  # a resumed stage goes on logging where it left off
-        parent = self.client.get_run(self.run_id)
-        run = self.client.create_run(
-            self.experiment_id, run_name=f"{parent.info.run_name}/stage{t}",
-            tags={"mlflow.parentRunId": self.run_id, "curriculum_stage": str(t)},
-        )
-        return self.uri, run.info.run_id
+        return nested_run((self.uri, self.run_id), f"stage{t}", {"curriculum_stage": str(t)})
 
     def log_stage(self, t: int, info: dict) -> None:
         if self.client is None:

@@ -2,7 +2,10 @@
 
 It reuses the teacher stage's query actor (same client, retries, in-flight bounds), with
 a one-shot plan that scores each reply. Tokens come from the endpoint's `usage`; FLOPs
-from the student's config (prefill + decode, `flops.py`).
+from the student's config (prefill + decode, `flops.py`), priced call by call: a composed
+endpoint (Socratic CoT's dialogue) lists its model calls in `usage.calls`, and each is
+priced at its own context length, with calls and FLOPs also kept per model. A recipe's
+`reply_stats` adds numbers read off each reply (the dialogue's step count).
 """
 from __future__ import annotations
 
@@ -71,7 +74,7 @@ class _FollowUp:
         self.follow_up, self.extras = recipe.follow_up, extras
 
     def __call__(self, row: dict) -> dict:
-        first = {f"first_{k}": row[k] for k in ("status", "output", "prompt_tokens", "completion_tokens")}
+        first = {f"first_{k}": row[k] for k in ("status", "output", "prompt_tokens", "completion_tokens", "call_usage")}
         out = {k: v for k, v in row.items() if k not in OUTPUT_COLUMNS}
         ex = Example.from_row(row)
         out["prompt"] = self.follow_up(ex, self.extras.get(ex.id, {}), row["output"] or "")
@@ -108,7 +111,10 @@ def evaluate_endpoint(cfg: Config, examples: list[Example], recipe: Recipe, base
     predictions: list[dict] = []
     for batch in ds.iter_batches(batch_size=64, batch_format="pyarrow"):
         for r in batch.to_pylist():
-            predictions.append(_prediction(r, fm))
+            p = _prediction(r, fm, final.model)
+            if recipe.reply_stats is not None:
+                p.update(recipe.reply_stats(p["output"] if p["status"] == "kept" else ""))
+            predictions.append(p)
         now = time.monotonic()
         if progress and now - last > 5:
             last = now
@@ -118,20 +124,37 @@ def evaluate_endpoint(cfg: Config, examples: list[Example], recipe: Recipe, base
     return summarize(predictions)
 
 
-def _prediction(r: dict, fm) -> dict:
-    calls = [(r["prompt_tokens"], r["completion_tokens"])]
+def _calls(r: dict, prefix: str = "") -> list[tuple[str, int, int]]:
+    """(model, prompt, completion tokens) of every model call behind one reply."""
+    reported = json.loads(r.get(f"{prefix}call_usage") or "[]")
+    if reported:
+        return [(m, int(p), int(c)) for m, p, c in reported]
+    return [("", r[f"{prefix}prompt_tokens"], r[f"{prefix}completion_tokens"])]
+
+
+def _prediction(r: dict, fm, served: str) -> dict:
+    """One scored example; FLOPs priced call by call (attention cost grows with each call's
+    own context, so summed tokens would overprice a many-call reply)."""
+    calls = _calls(r)
     status = r["status"]
     if "first_status" in r:  # two-call inference: both calls cost, both must have succeeded
-        calls.insert(0, (r["first_prompt_tokens"], r["first_completion_tokens"]))
+        calls = _calls(r, "first_") + calls
         status = r["first_status"] if r["first_status"] != "kept" else status
-    costs = [fm.example(p, c) for p, c in calls]
+    costs = [fm.example(p, c) for _, p, c in calls]
     flops = {k: sum(c[k] for c in costs) for k in costs[0]}
+    by_model: dict[str, float] = {}
+    if any(m not in ("", served) for m, _, _ in calls):
+        # A composed endpoint said which model made each call (Socratic CoT: decomposer, solver).
+        for (m, _, _), cost in zip(calls, costs):
+            by_model[f"calls.{m}"] = by_model.get(f"calls.{m}", 0) + 1
+            by_model[f"flops_total.{m}"] = by_model.get(f"flops_total.{m}", 0.0) + cost["flops_total"]
     output = r["output"] if "first_output" not in r else f"{r['first_output']}\n--\n{r['output']}"
     return {
         "id": r["id"], "task": r["task"], "question": r["question"], "gold": r["answer"],
         "prediction": r["prediction"], "correct": bool(r["correct"]) and status == "kept",
         "status": status, "reason": r["reason"], "output": output, "calls": len(calls),
-        "prompt_tokens": sum(p for p, _ in calls), "completion_tokens": sum(c for _, c in calls), **flops,
+        "prompt_tokens": sum(p for _, p, _ in calls), "completion_tokens": sum(c for _, _, c in calls), **flops,
+        **by_model,
     }
 
 
@@ -146,7 +169,22 @@ def _means(rows: list[dict]) -> dict[str, float]:
         "flops_decode_mean": sum(r["flops_decode"] for r in rows) / n,
         "flops_total_mean": sum(r["flops_total"] for r in rows) / n,
         "failed": sum(r["status"] != "kept" for r in rows),
+        **_extra_means(rows),
     }
+
+
+_SUMMED = {"correct", "calls", "prompt_tokens", "completion_tokens", "flops_prefill", "flops_decode", "flops_total"}
+
+
+def _extra_means(rows: list[dict]) -> dict[str, float]:
+    """`<key>_mean` of the numbers some methods add per example (steps, calls and FLOPs by model)."""
+    keys = set().union(*rows) - _SUMMED
+    out = {}
+    for k in sorted(keys):
+        values = [r.get(k, 0) for r in rows]  # a model a reply never called cost it nothing
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            out[f"{k}_mean"] = sum(values) / len(rows)
+    return out
 
 
 def summarize(predictions: list[dict]) -> EvalReport:

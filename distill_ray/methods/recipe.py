@@ -80,4 +80,8 @@ class Recipe:
     follow_up: Callable[[Example, dict, str], str] | None = None
     train: Callable[[TrainJob], Any] | None = None  # returns a train.trainer.TrainResult
     serve_app: Callable[["Config", str], Any] | None = None  # returns a ray.serve Application
+    # Numbers read off a final reply, kept per prediction and averaged by the eval stage
+    # (Socratic CoT: the sub-questions its dialogue asked).
+    reply_stats: Callable[[str], dict[str, float]] | None = None
+    lineage: Callable[["Config"], dict[str, str]] | None = None  # tags for the eval run: store versions it reads
     description: str = ""

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from . import answer_only, cascod, kard, mt_cot, std_cot
-from . import skintern
+from . import nesycd, skintern, socratic
 from .recipe import Recipe
 
 _RECIPES: dict[str, Recipe] = {
@@ -14,6 +14,8 @@ _RECIPES: dict[str, Recipe] = {
         cascod.RECIPE,
         kard.RECIPE,
         skintern.RECIPE,
+        nesycd.RECIPE,
+        socratic.RECIPE,
     )
 }
 

@@ -6,16 +6,15 @@ good ones and never takes the replica down.
 """
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.deployment import Application
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from distill_ray.config import ServeConfig
+from distill_ray.serve.api_errors import install_error_handlers
 from distill_ray.serve.backend import Backend, Completion, SamplingParams
 from distill_ray.serve.protocol import (
     ApiError,
@@ -32,8 +31,6 @@ from distill_ray.serve.protocol import (
     parse_request,
 )
 
-logger = logging.getLogger(__name__)
-
 # Which batch a request ran in, so clients and tests can see dynamic batching at work.
 BATCH_SIZE_HEADER = "x-distill-batch-size"
 
@@ -48,13 +45,10 @@ def make_backend(model_dir: str, cfg: ServeConfig) -> Backend:
     return TransformersBackend(model_dir, cfg, threads=max(1, int(cfg.replica_cpus)))
 
 
-def _check_model(backend: Backend, requested: str) -> None:
-    served = backend.model_info().name
-    if requested != served:
-        raise ApiError(404, f"model {requested!r} does not exist; this server serves {served!r}", param="model", code="model_not_found")
-
-
-def _check_supported(req: ChatCompletionRequest | CompletionRequest) -> None:
+def check_request(req: ChatCompletionRequest | CompletionRequest, served: str) -> None:
+    """404 for another model's name, 400 for an option this server cannot honour."""
+    if req.model != served:
+        raise ApiError(404, f"model {req.model!r} does not exist; this server serves {served!r}", param="model", code="model_not_found")
     problem = req.unsupported()
     if problem:
         param, reason = problem
@@ -62,6 +56,12 @@ def _check_supported(req: ChatCompletionRequest | CompletionRequest) -> None:
 
 
 def _sampling(req: ChatCompletionRequest | CompletionRequest, prompt_len: int, context: int, default_max: int, param: str) -> SamplingParams:
+    return sampling_for(prompt_len, context, req.requested_max_tokens() or default_max, param,
+                        temperature=req.temperature, top_p=req.top_p, stop=req.stop_sequences(), seed=req.seed)
+
+
+def sampling_for(prompt_len: int, context: int, max_tokens: int, param: str, **sampling: Any) -> SamplingParams:
+    """Sampling params for a prompt of `prompt_len` tokens; an ApiError if it cannot be served."""
     if prompt_len == 0:
         raise ApiError(400, f"{param}: encodes to zero tokens; nothing to continue from", param=param)
     room = context - prompt_len
@@ -73,14 +73,7 @@ def _sampling(req: ChatCompletionRequest | CompletionRequest, prompt_len: int, c
             code="context_length_exceeded",
         )
     # A request for more than the context can hold is trimmed to fit (finish_reason tells).
-    max_tokens = min(req.requested_max_tokens() or default_max, room)
-    return SamplingParams(
-        max_tokens=max_tokens,
-        temperature=req.temperature,
-        top_p=req.top_p,
-        stop=req.stop_sequences(),
-        seed=req.seed,
-    )
+    return SamplingParams(max_tokens=min(max_tokens, room), **sampling)
 
 
 def _usage(completions: list[Completion]) -> Usage:
@@ -99,18 +92,7 @@ def build_api(backend: Backend, cfg: ServeConfig) -> FastAPI:
     api = FastAPI(title="distill-ray student", docs_url=None, redoc_url=None)
     info = backend.model_info()
 
-    @api.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
-
-    @api.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(ApiError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
-
-    @api.exception_handler(Exception)
-    async def _crash(_: Request, exc: Exception) -> JSONResponse:
-        logger.exception("request failed")
-        return JSONResponse(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").body(), status_code=500)
+    install_error_handlers(api)
 
     @api.get("/health")
     async def health() -> dict[str, str]:
@@ -124,8 +106,7 @@ def build_api(backend: Backend, cfg: ServeConfig) -> FastAPI:
     @api.post("/v1/completions")
     async def completions(request: Request) -> JSONResponse:
         req = parse_request(CompletionRequest, await request.body())
-        _check_model(backend, req.model)
-        _check_supported(req)
+        check_request(req, info.name)
         prompts = [backend.encode(p) for p in req.prompts()]
         params = [_sampling(req, len(p), info.context_length, cfg.max_new_tokens, "prompt") for p in prompts]
         done = await backend.generate(prompts, params)
@@ -135,8 +116,7 @@ def build_api(backend: Backend, cfg: ServeConfig) -> FastAPI:
     @api.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> JSONResponse:
         req = parse_request(ChatCompletionRequest, await request.body())
-        _check_model(backend, req.model)
-        _check_supported(req)
+        check_request(req, info.name)
         prompt = backend.encode([m.model_dump(include={"role", "content"}) for m in req.messages])
         params = _sampling(req, len(prompt), info.context_length, cfg.max_new_tokens, "messages")
         done = await backend.generate([prompt], [params])
@@ -146,21 +126,42 @@ def build_api(backend: Backend, cfg: ServeConfig) -> FastAPI:
     return api
 
 
-@serve.deployment
-@serve.ingress()
-class StudentServer:
-    """One replica: loads the model once, then serves the API built around it."""
+class StudentReplica:
+    """One replica's model, loaded once. Handle calls reach `complete`; the HTTP API comes with
+    the ingress variant below."""
 
     def __init__(self, model_dir: str, serve_cfg: dict[str, Any]) -> None:
         self.cfg = ServeConfig.model_validate(serve_cfg)
         self.backend = make_backend(model_dir, self.cfg)
 
+    async def complete(self, prompt: str, max_tokens: int | None = None, *, temperature: float = 0.0,
+                       stop: tuple[str, ...] = (), seed: int | None = None) -> Completion:
+        """One raw-prompt completion, for a deployment composed in front of this one (a Serve
+        handle call, no HTTP). The Completion carries the log-probability HTTP clients never see."""
+        ids = self.backend.encode(prompt)
+        info = self.backend.model_info()
+        params = sampling_for(len(ids), info.context_length, max_tokens or self.cfg.max_new_tokens, "prompt",
+                              temperature=temperature, stop=tuple(stop), seed=seed)
+        return (await self.backend.generate([ids], [params]))[0]
+
+
+@serve.deployment
+@serve.ingress()
+class StudentServer(StudentReplica):
+    """The student behind the OpenAI API (an application's one ingress)."""
+
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_api(self.backend, self.cfg)
 
 
-def build_app(cfg: ServeConfig, model_dir: str) -> Application:
-    return StudentServer.options(
+# The same student without HTTP, for applications whose ingress is another deployment
+# (Serve allows one ingress per application).
+StudentModel = serve.deployment(StudentReplica)
+
+
+def build_app(cfg: ServeConfig, model_dir: str, *, ingress: bool = True) -> Application:
+    deployment = StudentServer if ingress else StudentModel
+    return deployment.options(
         num_replicas=cfg.num_replicas,
         ray_actor_options={"num_cpus": cfg.replica_cpus, "num_gpus": cfg.replica_gpus},
         # Enough requests in flight per replica to fill a batch while the previous one decodes.

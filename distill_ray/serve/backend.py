@@ -6,6 +6,7 @@ reject over-long prompts and to report exact usage, and both backends then see t
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -49,6 +50,16 @@ class Completion:
     # forward pass like any other.
     completion_tokens: int
     batch_size: int | None = None  # requests that shared the forward passes; None: unknown
+    # Log-probability of the generated tokens under the model, summed: a confidence signal
+    # for deployments composed in front of the student (NesyCD's retrieval gate). None: unknown.
+    logprob: float | None = None
+
+    @property
+    def confidence(self) -> float | None:
+        """Geometric-mean probability of the generated tokens, in (0, 1]."""
+        if self.logprob is None or self.completion_tokens == 0:
+            return None
+        return math.exp(self.logprob / self.completion_tokens)
 
 
 @dataclass(frozen=True)

@@ -61,9 +61,11 @@ class _Row:
         self.tokens: list[int] = []
         self.text = ""
         self.finish: FinishReason | None = None
+        self.logprob = 0.0  # of the chosen tokens under the model (temperature 1), summed
 
-    def accept(self, token: int, tokenizer, eos_ids: frozenset[int]) -> None:
+    def accept(self, token: int, logits: torch.Tensor, tokenizer, eos_ids: frozenset[int]) -> None:
         self.tokens.append(token)
+        self.logprob += float(torch.log_softmax(logits, dim=-1)[token])
         if token in eos_ids:
             self.finish = "stop"
             return
@@ -113,7 +115,7 @@ def decode_batch(
             next_ids = []
             for row, row_logits in zip(rows, logits):
                 if row.finish is None:
-                    row.accept(_sample(row_logits, row.params, row.generator), tokenizer, eos_ids)
+                    row.accept(_sample(row_logits, row.params, row.generator), row_logits, tokenizer, eos_ids)
                     next_ids.append(row.tokens[-1])
                 else:
                     next_ids.append(pad_id)  # finished rows ride along until the batch ends
@@ -129,6 +131,7 @@ def decode_batch(
             prompt_tokens=row.prompt_len,
             completion_tokens=len(row.tokens),
             batch_size=len(rows),
+            logprob=row.logprob,
         )
         for row in rows
     ]

@@ -23,6 +23,15 @@ class ApiError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
+    def __reduce__(self):
+        # Keyword-only arguments: the default pickling would lose them, and an ApiError raised
+        # in a replica must reach a composed deployment's handle call intact.
+        return _api_error, (self.status, self.message, self.type, self.param, self.code)
+
+
+def _api_error(status: int, message: str, type: str, param: str | None, code: str | None) -> ApiError:
+    return ApiError(status, message, type=type, param=param, code=code)
+
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")

@@ -49,9 +49,19 @@ def _knowledge(cfg: Config, examples: Sequence[Example]) -> NeedResult:
     return NeedResult(result.table, {r["id"]: r for r in rows}, result.stats, result.table_versions)
 
 
+def _decompositions(cfg: Config, examples: Sequence[Example]) -> NeedResult:
+    from ..store import open_db, read_rows
+    from .decompose_plan import collect_decompositions
+
+    result = collect_decompositions(cfg, examples, run_tag=run_tag(cfg))
+    rows = read_rows(open_db(cfg.lancedb_uri), result.table, version=result.table_versions[result.table])
+    return NeedResult(result.table, {r["id"]: r for r in rows}, result.stats, result.table_versions)
+
+
 _COLLECTORS: dict[str, Callable[[Config, Sequence[Example]], NeedResult]] = {
     "rationales": _rationales,
     "knowledge": _knowledge,
+    "decompositions": _decompositions,  # Socratic CoT: table `decompositions_<run tag>`
 }
 
 

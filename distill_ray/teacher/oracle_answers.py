@@ -1,8 +1,8 @@
 """What the oracle teacher says: a small dispatch table of prompt kinds.
 
 A prompt kind is recognised by the first words of its system instruction (chat) and
-answered from the prompt text alone. Kinds today: Std-CoT rationales and SKIntern
-knowledge; error analysis and decomposition prompts plug in as new rows of `PROMPT_KINDS`.
+answered from the prompt text alone. Kinds today: Std-CoT rationales, SKIntern
+knowledge, NesyCD error analyses and Socratic CoT decompositions; a new prompt kind is one more row of `PROMPT_KINDS`.
 Each kind also says how to spoil a reply (`p_wrong`) so that its plan rejects it.
 """
 from __future__ import annotations
@@ -14,8 +14,11 @@ from dataclasses import dataclass
 
 from distill_ray.tasks.answers import ANSWER_TRIGGER
 from distill_ray.tasks.synthetic import solve
+from distill_ray.teacher.decompose_prompts import DECOMPOSE_SYSTEM
+from distill_ray.teacher.oracle_decompose import answer_decomposition, corrupt_decomposition
 from distill_ray.teacher.prompts import (
     COT_SYSTEM,
+    ERROR_SYSTEM,
     KNOWLEDGE_SYSTEM,
     SUMMARY_HEADING,
     SUPPLEMENTARY_HEADING,
@@ -127,6 +130,10 @@ def corrupt_knowledge(reply: str, rng: random.Random) -> str:
 PROMPT_KINDS: tuple[PromptKind, ...] = (
     PromptKind("cot", COT_SYSTEM[:40], answer_cot, corrupt_cot),
     PromptKind("knowledge", KNOWLEDGE_SYSTEM[:40], answer_knowledge, corrupt_knowledge),
+    # An error analysis names what the question needs; the wrong response changes nothing
+    # about which facts those are, so the oracle answers it as a knowledge prompt.
+    PromptKind("error_analysis", ERROR_SYSTEM[:40], answer_knowledge, corrupt_knowledge),
+    PromptKind("decomposition", DECOMPOSE_SYSTEM[:40], answer_decomposition, corrupt_decomposition),
 )
 DEFAULT_KIND = PROMPT_KINDS[0]
 _KINDS_BY_NAME = {kind.name: kind for kind in PROMPT_KINDS}

@@ -43,6 +43,13 @@ KNOWLEDGE_SYSTEM = (
     "of problem, then 'Supplementary Knowledge:' and a numbered list of the specific facts, "
     "definitions and rules it relies on. Do not solve the question."
 )
+# NesyCD: the teacher reads a wrong student reply and writes what the student lacked.
+ERROR_SYSTEM = (
+    "Analyse the student's wrong response to the last question, whose correct answer is given. "
+    "Reply with 'Learning Summary:' and a numbered list of general lessons the student should learn "
+    "from this mistake, then 'Supplementary Knowledge:' and a numbered list of the specific facts, "
+    "definitions and rules the student was missing. Do not solve the question."
+)
 SUMMARY_HEADING = "Learning Summary:"
 SUPPLEMENTARY_HEADING = "Supplementary Knowledge:"
 
@@ -126,6 +133,23 @@ def knowledge_messages(question: str, answer: str, exemplars: Sequence[Knowledge
     return (
         {"role": "system", "content": KNOWLEDGE_SYSTEM},
         {"role": "user", "content": knowledge_prompt(question, answer, exemplars, preamble)},
+    )
+
+
+def error_prompt(question: str, answer: str, student_response: str,
+                 exemplars: Sequence[KnowledgeExemplar] = (), preamble: str = "") -> str:
+    """The knowledge prompt's blocks, with the student's wrong response after the gold answer."""
+    response = " ".join(str(student_response).split()) or "(no response)"
+    # On one line and without "Question:"/"Answer:" markers, so it cannot end the block early.
+    response = response.replace("Question:", "Question -").replace("Answer:", "Answer -")
+    return f"{knowledge_prompt(question, answer, exemplars, preamble)}\nStudent's wrong response: {response}"
+
+
+def error_messages(question: str, answer: str, student_response: str,
+                   exemplars: Sequence[KnowledgeExemplar] = (), preamble: str = "") -> tuple[dict, ...]:
+    return (
+        {"role": "system", "content": ERROR_SYSTEM},
+        {"role": "user", "content": error_prompt(question, answer, student_response, exemplars, preamble)},
     )
 
 
