@@ -142,3 +142,11 @@ def nested_run(target: tuple[str, str] | None, suffix: str, tags: dict[str, str]
     run = client.create_run(parent.info.experiment_id, run_name=f"{parent.info.run_name}/{suffix}",
                             tags={"mlflow.parentRunId": parent_id, **(tags or {})})
     return uri, run.info.run_id
+
+
+def end_run(target: tuple[str, str] | None) -> None:
+    """Mark a run made by `nested_run` finished."""
+    if target is not None:
+        import mlflow
+
+        mlflow.MlflowClient(tracking_uri=target[0]).set_terminated(target[1])

@@ -253,6 +253,16 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.fixture()
+def served(ray_cluster):
+    """Apps a test deployed are deleted after it, pass or fail: their CPUs go to the next one."""
+    from ray import serve
+
+    yield
+    for name in list(serve.status().applications):
+        serve.delete(name)
+
+
 def _cfg(tmp_path, **nesycd_cfg) -> Config:
     return Config.model_validate({
         "run_name": "edit", "storage": {"root": str(tmp_path)},
@@ -261,7 +271,7 @@ def _cfg(tmp_path, **nesycd_cfg) -> Config:
     })
 
 
-def test_an_edit_to_the_kb_changes_the_served_answer_without_retraining(reader, ray_cluster, tmp_path):
+def test_an_edit_to_the_kb_changes_the_served_answer_without_retraining(reader, served, tmp_path):
     from distill_ray.serve.deploy import deploy_student
 
     cfg = _cfg(tmp_path, retrieval="hybrid")
@@ -302,7 +312,7 @@ def test_an_edit_to_the_kb_changes_the_served_answer_without_retraining(reader, 
         client.completions.create(model="student", prompt=question, max_tokens=4, logprobs=2)
 
 
-def test_the_confidence_gate_decides_per_question(reader, ray_cluster, tmp_path):
+def test_the_confidence_gate_decides_per_question(reader, served, tmp_path):
     from ray import serve
 
     from distill_ray.serve.deploy import deploy_student

@@ -17,7 +17,7 @@ import time
 from distill_ray.curriculum.actor import CurriculumInputs, curriculum_actor, inputs_from, stage_config
 from distill_ray.methods.recipe import TrainJob
 from distill_ray.train.checkpoint import read_state
-from distill_ray.tracking import nested_run
+from distill_ray.tracking import end_run, nested_run
 from distill_ray.train.trainer import TrainResult, run_training
 
 
@@ -72,8 +72,8 @@ class _Tracking:
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, t) for k, v in values.items()])
 
     def end_stage(self, target: tuple[str, str] | None) -> None:
-        if self.client is not None and target is not None:
-            self.client.set_terminated(target[1])
+        if self.client is not None:
+            end_run(target)
 
 
 def _plural(n: int, word: str) -> str:

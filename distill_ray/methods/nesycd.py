@@ -117,7 +117,7 @@ def train(job: TrainJob):
     from ..store import open_db, read_rows
     from ..teacher.error_plan import collect_error_analyses
     from ..teacher.needs import run_tag
-    from ..tracking import nested_run
+    from ..tracking import end_run, nested_run
     from ..train.trainer import run_training
 
     cfg, ctx = job.ctx.cfg, job.ctx
@@ -126,8 +126,10 @@ def train(job: TrainJob):
         raise RuntimeError("nesycd: the teacher stage kept no rationales to train on")
     steps, budgets = _budget(cfg, len(general_rows))
     say(f"1/4 general student: {len(general_rows)} rows, {steps[0]} steps")
+    target = nested_run(job.mlflow_target, "general")
     general = run_training(stage_config(cfg, steps[0], budgets[0]), general_rows, output_dir=job.output_dir,
-                           name="general", mlflow_target=nested_run(job.mlflow_target, "general"))
+                           name="general", mlflow_target=target)
+    end_run(target)
 
     probe = find_errors(cfg, general.model_dir, _probe_examples(job.examples, ctx.teacher["rationales"], cfg),
                         std_cot.RECIPE)
@@ -150,8 +152,10 @@ def train(job: TrainJob):
     rows = [r.as_dict() for r in kb_rows(job.examples, ctx)]
     with_entry = sum(r["prompt"].startswith(INSTRUCTION) for r in rows)
     say(f"4/4 KB-augmented fine-tuning: {len(rows)} rows ({with_entry} with an entry), {steps[1]} steps")
+    target = nested_run(job.mlflow_target, "kb")
     final = run_training(stage_config(cfg, steps[1], budgets[1]), rows, output_dir=job.output_dir, name="kb",
-                         mlflow_target=nested_run(job.mlflow_target, "kb"), init_from=general.checkpoint_path)
+                         mlflow_target=target, init_from=general.checkpoint_path)
+    end_run(target)
     final.metrics.update(metrics, rows_with_entry=float(with_entry), train_rows=float(len(rows)))
     final.metrics["fit_wall_s"] = general.metrics.get("fit_wall_s", 0.0) + final.metrics.get("fit_wall_s", 0.0)
     final.steps += general.steps

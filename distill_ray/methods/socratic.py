@@ -35,6 +35,7 @@ import os
 import shutil
 
 from ..tasks.record import Example, Step
+from ..tracking import end_run, nested_run
 from .recipe import MethodContext, Recipe, TrainJob, TrainRow, question_only
 from .socratic_format import DECOMPOSER, DONE, SOLVER, count_steps, decomposer_prompt, solver_prompt
 
@@ -62,26 +63,6 @@ def train_rows(examples: list[Example], ctx: MethodContext) -> list[TrainRow]:
     """Both roles' rows: what the base is trained on."""
     decomposer, solver = role_rows(examples, ctx)
     return decomposer + solver
-
-
-def _child_run(target: tuple[str, str] | None, part: str) -> tuple[str, str] | None:
-    if target is None:
-        return None
-    import mlflow
-
-    uri, parent_id = target
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    parent = client.get_run(parent_id)
-    run = client.create_run(parent.info.experiment_id, run_name=f"{parent.info.run_name}/{part}",
-                            tags={"mlflow.parentRunId": parent_id, "socratic_part": part})
-    return uri, run.info.run_id
-
-
-def _end_run(target: tuple[str, str] | None) -> None:
-    if target is not None:
-        import mlflow
-
-        mlflow.MlflowClient(tracking_uri=target[0]).set_terminated(target[1])
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -144,10 +125,10 @@ def train_pair(job: TrainJob):
         base_cfg = cfg.model_copy(deep=True)
         base_cfg.train.max_steps = base_steps
         base_cfg.student.lora = LoraConfig(enabled=False)
-        target = _child_run(job.mlflow_target, "base")
+        target = nested_run(job.mlflow_target, "base", {"socratic_part": "base"})
         rows = [r.as_dict() for r in decomposer + solver]
         results["base"] = run_training(base_cfg, rows, output_dir=job.output_dir, name="socratic-base", mlflow_target=target)
-        _end_run(target)
+        end_run(target)
         base_dir = results["base"].model_dir
     adapter_cfg = cfg.model_copy(deep=True)
     adapter_cfg.train.max_steps = adapter_steps
@@ -155,10 +136,10 @@ def train_pair(job: TrainJob):
     adapter_cfg.student.lora = LoraConfig(enabled=True, r=s.adapter_rank, alpha=s.adapter_alpha,
                                           target_modules=list(s.adapter_modules))
     for role, rows in ((DECOMPOSER, decomposer), (SOLVER, solver)):
-        target = _child_run(job.mlflow_target, role)
+        target = nested_run(job.mlflow_target, role, {"socratic_part": role})
         results[role] = run_training(adapter_cfg, [r.as_dict() for r in rows], output_dir=job.output_dir,
                                      name=f"socratic-{role}", mlflow_target=target, init_from=base_dir)
-        _end_run(target)
+        end_run(target)
         if results[role].adapter_dir is None:
             raise RuntimeError(f"socratic {role}: the LoRA run exported no adapter")
     pair = assemble_pair(os.path.join(job.output_dir, PAIR_DIR), base_dir, cfg.student.model,

@@ -80,6 +80,24 @@ def _failure_reason(app_name: str) -> str:
     return ""
 
 
+def _wait_until_running(app_name: str, timeout_s: float) -> None:
+    """Every deployment of the app up, not just its ingress: a composed app's front answers
+    /models while the student behind it may still wait for CPUs that never free up."""
+    deadline = time.monotonic() + timeout_s
+    waiting = ""
+    while time.monotonic() < deadline:
+        app = serve.status().applications.get(app_name)
+        if app is not None and app.status == "RUNNING":
+            return
+        if app is not None and app.status == "DEPLOY_FAILED":
+            raise RuntimeError(f"student server {app_name!r} failed to start: {_failure_reason(app_name) or app.message}")
+        if app is not None:
+            waiting = ", ".join(f"{name} {d.status}" for name, d in app.deployments.items() if d.status != "HEALTHY")
+        time.sleep(0.25)
+    raise TimeoutError(f"Serve app {app_name!r} not running within {timeout_s:.0f} s (waiting for: {waiting or 'the app'}); "
+                       "are there enough free CPUs/GPUs for every replica (serve.replica_cpus, serve.num_replicas)?")
+
+
 def _wait_until_ready(url: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     last = "no answer"
@@ -120,6 +138,7 @@ def deploy_student(
     except RuntimeError as e:
         raise RuntimeError(f"student server {app_name!r} for {model_dir} failed to start: {_failure_reason(app_name) or e}") from e
     url = f"http://{_client_host(cfg.serve.host)}:{port}{prefix.rstrip('/')}/v1"
+    _wait_until_running(app_name, READY_TIMEOUT_S)
     _wait_until_ready(url, READY_TIMEOUT_S)
     logger.info("serving %s as %r at %s", model_dir, cfg.serve.model_name, url)
     if blocking:

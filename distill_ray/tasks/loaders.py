@@ -33,6 +33,22 @@ __all__ = [
 _CALCULATOR_RE = re.compile(r"<<[^>]*>>")
 
 
+def split_final_answer(solution: str, where: str) -> tuple[str, str]:
+    """A GSM8K answer field as (the worked solution, the canonical number after '####')."""
+    if solution.count("####") != 1:
+        raise ValueError(f"{where}: answer must contain exactly one '#### N' line")
+    body, final = solution.split("####")
+    try:
+        return body, normalize_answer(final, "number")
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def remove_calculator_notes(text: str) -> str:
+    # <<48/2=24>> are calculator annotations for the original annotators' tool, not prose.
+    return _CALCULATOR_RE.sub("", text)
+
+
 def load_gsm8k(path: str | Path, split: str | None = None) -> list[Example]:
     """GSM8K jsonl {question, answer}; ids gsm8k/<split>/<row>, split defaults to the file stem."""
     path = Path(path)
@@ -42,15 +58,8 @@ def load_gsm8k(path: str | Path, split: str | None = None) -> list[Example]:
         where = f"{path}: line {lineno}"
         question = require_str(row, "question", where)
         solution = require_str(row, "answer", where)
-        if solution.count("####") != 1:
-            raise ValueError(f"{where}: answer must contain exactly one '#### N' line")
-        body, final = solution.split("####")
-        try:
-            answer = normalize_answer(final, "number")
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from e
-        # <<48/2=24>> are calculator annotations for the original annotators' tool, not prose.
-        rationale = _CALCULATOR_RE.sub("", body).strip()
+        body, answer = split_final_answer(solution, where)
+        rationale = remove_calculator_notes(body).strip()
         out.append(
             Example(
                 id=f"gsm8k/{split}/{i}",

@@ -18,15 +18,14 @@ whoever trains on the steps decides.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-from distill_ray.tasks.answers import ANSWER_TRIGGER, normalize_answer
+from distill_ray.tasks.answers import ANSWER_TRIGGER
+from distill_ray.tasks.loaders import remove_calculator_notes, split_final_answer
 from distill_ray.tasks.loaders_io import read_jsonl, require_str
 from distill_ray.tasks.record import Example, Step
 
 STEP_SEPARATOR = " ** "
-_CALCULATOR_RE = re.compile(r"<<[^>]*>>")
 
 
 def parse_socratic_answer(text: str, where: str) -> tuple[tuple[Step, ...], str, list[int]]:
@@ -35,19 +34,13 @@ def parse_socratic_answer(text: str, where: str) -> tuple[tuple[Step, ...], str,
     A step whose solution is empty (two such lines in the test file) cannot be trained
     on; it is left out and its number reported. Anything else malformed is a ValueError.
     """
-    if text.count("####") != 1:
-        raise ValueError(f"{where}: answer must contain exactly one '#### N' line")
-    body, final = text.split("####")
-    try:
-        answer = normalize_answer(final, "number")
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
+    body, answer = split_final_answer(text, where)
     steps, empty = [], []
     for n, line in enumerate((line for line in body.split("\n") if line.strip()), start=1):
         if line.count(STEP_SEPARATOR) != 1:
             raise ValueError(f"{where}: step {n} must be 'sub-question ** solution', got {line.strip()[:80]!r}")
         question, solution = (part.strip() for part in line.split(STEP_SEPARATOR))
-        solution = " ".join(_CALCULATOR_RE.sub("", solution).split())
+        solution = " ".join(remove_calculator_notes(solution).split())
         if not question:
             raise ValueError(f"{where}: step {n} has an empty sub-question")
         if not solution:

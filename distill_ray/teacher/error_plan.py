@@ -11,16 +11,14 @@ new errors are asked about afresh while unchanged ones cost nothing.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from distill_ray.client.requests import LLMRequest
 from distill_ray.config import Config
-from distill_ray.tasks.answers import cut_at_next_question
 from distill_ray.tasks.record import Example
 from distill_ray.teacher.cot_plan import check_reasks, reask_sampling
-from distill_ray.teacher.knowledge_plan import KnowledgeFormatError, KnowledgeShots, default_knowledge_shots, parse_knowledge
+from distill_ray.teacher.knowledge_plan import KnowledgeShots, check_knowledge_reply, default_knowledge_shots
 from distill_ray.teacher.prompts import error_messages
 
 ANALYSES = "error_analyses"
@@ -50,13 +48,7 @@ class ErrorAnalysisPlan:
                           max_tokens=self.max_tokens, seed=seed)
 
     def check(self, row: dict, response_text: str) -> tuple[bool, str, dict]:
-        try:
-            k = parse_knowledge(cut_at_next_question(response_text))
-        except KnowledgeFormatError as e:
-            return False, e.reason, {}
-        return True, "", {"summary": json.dumps(list(k.summary), ensure_ascii=False),
-                          "supplementary": json.dumps(list(k.supplementary), ensure_ascii=False),
-                          "knowledge": k.text}
+        return check_knowledge_reply(response_text)
 
 
 def build_error_plan(cfg: Config, errors: Sequence[tuple[Example, str]]) -> ErrorAnalysisPlan:

@@ -116,6 +116,23 @@ def parse_knowledge(text: str) -> Knowledge:
     return Knowledge(_items(bodies[SUMMARY], SUMMARY), _items(bodies[SUPPLEMENTARY], SUPPLEMENTARY))
 
 
+def knowledge_payload(k: Knowledge) -> dict:
+    """A kept reply's payload; lists travel as JSON text (see KnowledgePlan.payload_fields)."""
+    return {"summary": json.dumps(list(k.summary), ensure_ascii=False),
+            "supplementary": json.dumps(list(k.supplementary), ensure_ascii=False),
+            "knowledge": k.text}
+
+
+def check_knowledge_reply(response_text: str) -> tuple[bool, str, dict]:
+    """A plan's verdict on a reply that should be K: (kept, reason, payload)."""
+    try:
+        # A chat model that writes on into an invented next "Question:" block has said its K.
+        k = parse_knowledge(cut_at_next_question(response_text))
+    except KnowledgeFormatError as e:
+        return False, e.reason, {}
+    return True, "", knowledge_payload(k)
+
+
 @dataclass(frozen=True)
 class KnowledgeShots:
     exemplars: tuple[KnowledgeExemplar, ...] = ()
@@ -144,15 +161,7 @@ class KnowledgePlan:
                           max_tokens=self.max_tokens, seed=seed)
 
     def check(self, row: dict, response_text: str) -> tuple[bool, str, dict]:
-        try:
-            # A chat model that writes on into an invented next "Question:" block has said its K.
-            k = parse_knowledge(cut_at_next_question(response_text))
-        except KnowledgeFormatError as e:
-            return False, e.reason, {}
-        payload = {"summary": json.dumps(list(k.summary), ensure_ascii=False),
-                   "supplementary": json.dumps(list(k.supplementary), ensure_ascii=False),
-                   "knowledge": k.text}
-        return True, "", payload
+        return check_knowledge_reply(response_text)
 
 
 def synthetic_knowledge_exemplars(k: int, family: str | None = None) -> list[KnowledgeExemplar]:
