@@ -7,8 +7,11 @@ started before Ray starts its workers, so `lancedb` is imported on first use, no
 """
 from __future__ import annotations
 
+import fcntl
 from collections.abc import Sequence
+from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import pyarrow as pa
@@ -61,6 +64,41 @@ def _to_arrow(name: str, data: pa.Table | Sequence[dict], schema: pa.Schema | No
         return pa.Table.from_pylist(rows, schema=schema)
     except (pa.ArrowInvalid, pa.ArrowTypeError, KeyError) as e:
         raise ValueError(f"table {name!r}: rows do not fit the table's columns ({e})") from None
+
+
+@contextmanager
+def _creation_lock(db: lancedb.DBConnection, name: str):
+    """Serialise creators of one table on a local (or mounted) filesystem.
+
+    Lance treats a second concurrent create as an overwrite, which silently drops rows
+    another writer appended in between, so creation must not race. Object-store URIs get
+    no lock here: create such shared tables from one driver before writers fan out.
+    """
+    uri = str(db.uri)
+    if "://" in uri and not uri.startswith("file://"):
+        yield
+        return
+    root = Path(uri.removeprefix("file://"))
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{name}.create.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def open_or_create(db: lancedb.DBConnection, name: str, schema: pa.Schema):
+    """The table, created empty with `schema` when missing; safe when writers race to create it."""
+    if table_exists(db, name):
+        try:
+            return db.open_table(name)
+        except Exception:  # noqa: BLE001 -- listed before its first commit: wait for its creator below
+            pass
+    with _creation_lock(db, name):
+        if table_exists(db, name):
+            return db.open_table(name)
+        return db.create_table(name, schema=schema, mode="create")
 
 
 def write_table(

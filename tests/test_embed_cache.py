@@ -128,28 +128,32 @@ def test_bad_cache_is_refused_with_its_name(tmp_path):
 
 
 def test_concurrent_writers_of_the_same_keys_leave_a_readable_table(tmp_path):
-    uri, texts = str(tmp_path / "db"), _questions(5, seed=3)
+    texts = _questions(5, seed=3)
     vectors = embed_texts(texts)
-    caches = [EmbeddingCache(uri, DEFAULT_MODEL) for _ in range(3)]  # one connection each, as separate runs
-    keys = [caches[0].key(t) for t in texts]
-    errors: list[BaseException] = []
+    # Several fresh caches raced at once: creating the table is where rows used to get lost
+    # (a second concurrent create became an overwrite of rows already appended).
+    for round_ in range(6):
+        uri = str(tmp_path / f"db{round_}")
+        caches = [EmbeddingCache(uri, DEFAULT_MODEL) for _ in range(4)]  # one connection each, as separate runs
+        keys = [caches[0].key(t) for t in texts]
+        errors: list[BaseException] = []
 
-    def write(cache: EmbeddingCache) -> None:
-        try:
-            cache.put(keys, vectors)
-        except BaseException as e:  # surfaced below: a thread's exception would otherwise vanish
-            errors.append(e)
+        def write(cache: EmbeddingCache) -> None:
+            try:
+                cache.put(keys, vectors)
+            except BaseException as e:  # surfaced below: a thread's exception would otherwise vanish
+                errors.append(e)
 
-    threads = [threading.Thread(target=write, args=(c,)) for c in caches]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
-    assert _rows(uri) == 15  # every append landed; duplicates are harmless
-    found = EmbeddingCache(uri, DEFAULT_MODEL).lookup(keys)
-    assert set(found) == set(keys)
-    assert np.array_equal(np.stack([found[k] for k in keys]), vectors)
+        threads = [threading.Thread(target=write, args=(c,)) for c in caches]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, f"round {round_}: {errors[0]!r}"
+        assert _rows(uri) == 20, f"round {round_}"  # every append landed; duplicates are harmless
+        found = EmbeddingCache(uri, DEFAULT_MODEL).lookup(keys)
+        assert set(found) == set(keys)
+        assert np.array_equal(np.stack([found[k] for k in keys]), vectors)
 
 
 def test_ray_data_stage_embeds_only_what_the_cache_lacks(tmp_path, ray_runtime):

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from distill_ray.knowledge.embed import EMBED_DIM, model_dim, resolve_model, vector_array
-from distill_ray.store import open_db, table_exists, table_names
+from distill_ray.store import open_db, open_or_create, table_exists, table_names
 
 EMBEDDINGS = "embeddings"
 PUT_CHUNK_ROWS = 20_000  # rows per commit: ~30 MB of 384-d vectors
@@ -149,13 +149,7 @@ class EmbeddingCache:
         return version
 
     def _append(self, chunk: pa.Table) -> int:
-        try:
-            tbl = self._db.create_table(self.table, schema=self.schema, exist_ok=True)
-        except Exception:
-            # Another run created it between our check and our create: use theirs.
-            if not table_exists(self._db, self.table):
-                raise
-            tbl = self._db.open_table(self.table)
+        tbl = open_or_create(self._db, self.table, self.schema)
         if tbl.schema != self.schema:
             raise ValueError(f"embedding cache table {self.table!r} in {self.uri!r} has columns {tbl.schema}, "
                              f"expected {self.schema}")

@@ -18,17 +18,16 @@ from distill_ray.serve.api_errors import install_error_handlers
 from distill_ray.serve.backend import Backend, Completion, SamplingParams
 from distill_ray.serve.protocol import (
     ApiError,
-    ChatChoice,
     ChatCompletionRequest,
-    ChatCompletionResponse,
-    ChatMessageOut,
-    CompletionChoice,
     CompletionRequest,
-    CompletionResponse,
     ModelCard,
     ModelList,
     Usage,
+    chat_response,
+    check_supported,
+    completion_response,
     parse_request,
+    summed_usage,
 )
 
 # Which batch a request ran in, so clients and tests can see dynamic batching at work.
@@ -49,10 +48,7 @@ def check_request(req: ChatCompletionRequest | CompletionRequest, served: str) -
     """404 for another model's name, 400 for an option this server cannot honour."""
     if req.model != served:
         raise ApiError(404, f"model {req.model!r} does not exist; this server serves {served!r}", param="model", code="model_not_found")
-    problem = req.unsupported()
-    if problem:
-        param, reason = problem
-        raise ApiError(400, reason, param=param, code="unsupported_parameter")
+    check_supported(req)
 
 
 def _sampling(req: ChatCompletionRequest | CompletionRequest, prompt_len: int, context: int, default_max: int, param: str) -> SamplingParams:
@@ -76,10 +72,8 @@ def sampling_for(prompt_len: int, context: int, max_tokens: int, param: str, **s
     return SamplingParams(max_tokens=min(max_tokens, room), **sampling)
 
 
-def _usage(completions: list[Completion]) -> Usage:
-    prompt = sum(c.prompt_tokens for c in completions)
-    completion = sum(c.completion_tokens for c in completions)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+def usage_of(completions: list[Completion]) -> Usage:
+    return summed_usage((c.prompt_tokens, c.completion_tokens) for c in completions)
 
 
 def _respond(body: Any, completions: list[Completion]) -> JSONResponse:
@@ -110,8 +104,8 @@ def build_api(backend: Backend, cfg: ServeConfig) -> FastAPI:
         prompts = [backend.encode(p) for p in req.prompts()]
         params = [_sampling(req, len(p), info.context_length, cfg.max_new_tokens, "prompt") for p in prompts]
         done = await backend.generate(prompts, params)
-        choices = [CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason) for i, c in enumerate(done)]
-        return _respond(CompletionResponse(model=info.name, choices=choices, usage=_usage(done)), done)
+        outputs = [(c.text, c.finish_reason) for c in done]
+        return _respond(completion_response(info.name, outputs, usage_of(done)), done)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> JSONResponse:
@@ -120,8 +114,7 @@ def build_api(backend: Backend, cfg: ServeConfig) -> FastAPI:
         prompt = backend.encode([m.model_dump(include={"role", "content"}) for m in req.messages])
         params = _sampling(req, len(prompt), info.context_length, cfg.max_new_tokens, "messages")
         done = await backend.generate([prompt], [params])
-        choice = ChatChoice(index=0, message=ChatMessageOut(content=done[0].text), finish_reason=done[0].finish_reason)
-        return _respond(ChatCompletionResponse(model=info.name, choices=[choice], usage=_usage(done)), done)
+        return _respond(chat_response(info.name, done[0].text, done[0].finish_reason, usage_of(done)), done)
 
     return api
 

@@ -34,17 +34,15 @@ from distill_ray.serve.api_errors import install_error_handlers
 from distill_ray.serve.backend import Completion
 from distill_ray.serve.protocol import (
     ApiError,
-    ChatChoice,
     ChatCompletionRequest,
-    ChatCompletionResponse,
-    ChatMessageOut,
-    CompletionChoice,
     CompletionRequest,
-    CompletionResponse,
     ModelCard,
     ModelList,
     Usage,
+    chat_response,
+    completion_response,
     parse_request,
+    summed_usage,
 )
 
 
@@ -116,9 +114,7 @@ class KnowledgeFrontCore:
 
 
 def _usage(answers: list[Answer]) -> Usage:
-    prompt = sum(c.prompt_tokens for a in answers for c in a.calls)
-    completion = sum(c.completion_tokens for a in answers for c in a.calls)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    return summed_usage((c.prompt_tokens, c.completion_tokens) for a in answers for c in a.calls)
 
 
 def _params(req: ChatCompletionRequest | CompletionRequest) -> dict:
@@ -158,9 +154,8 @@ def build_front_api(core: KnowledgeFrontCore) -> FastAPI:
         check_request(req, name)
         answers = await asyncio.gather(*(core.answer(extract_question(p), "", req.max_tokens, _params(req))
                                          for p in req.prompts()))
-        choices = [CompletionChoice(index=i, text=a.completion.text, finish_reason=a.completion.finish_reason)
-                   for i, a in enumerate(answers)]
-        return _body(CompletionResponse(model=name, choices=choices, usage=_usage(answers)), answers,
+        outputs = [(a.completion.text, a.completion.finish_reason) for a in answers]
+        return _body(completion_response(name, outputs, _usage(answers)), answers,
                      await asyncio.to_thread(lambda: core.kb.version))
 
     @api.post("/v1/chat/completions")
@@ -172,9 +167,8 @@ def build_front_api(core: KnowledgeFrontCore) -> FastAPI:
             raise ApiError(400, "messages: no user message with a question to answer", param="messages")
         description = " ".join(m.content for m in req.messages if m.role == "system")
         answer = await core.answer(extract_question(users[-1]), description, req.requested_max_tokens(), _params(req))
-        choice = ChatChoice(index=0, message=ChatMessageOut(content=answer.completion.text),
-                            finish_reason=answer.completion.finish_reason)
-        return _body(ChatCompletionResponse(model=name, choices=[choice], usage=_usage([answer])), [answer],
+        final = answer.completion
+        return _body(chat_response(name, final.text, final.finish_reason, _usage([answer])), [answer],
                      await asyncio.to_thread(lambda: core.kb.version))
 
     return api

@@ -17,20 +17,17 @@ from ray.serve.deployment import Application
 
 from distill_ray.config import ServeConfig
 from distill_ray.serve.api_errors import error_reply, install_error_handlers
-from distill_ray.serve.app import sampling_for
+from distill_ray.serve.app import sampling_for, usage_of
 from distill_ray.serve.backend import Completion
 from distill_ray.serve.multiplex import read_adapters
 from distill_ray.serve.protocol import (
     ApiError,
-    ChatChoice,
     ChatCompletionRequest,
-    ChatCompletionResponse,
-    ChatMessageOut,
-    CompletionChoice,
     CompletionRequest,
-    CompletionResponse,
     ModelCard,
-    Usage,
+    chat_response,
+    check_supported,
+    completion_response,
     parse_request,
 )
 
@@ -46,12 +43,6 @@ def make_adapter_backend(model_dir: str, cfg: ServeConfig):
     from distill_ray.serve.multiplex import AdapterBackend
 
     return AdapterBackend(model_dir, adapters, cfg, threads=max(1, int(cfg.replica_cpus)))
-
-
-def usage_of(completions: list[Completion]) -> Usage:
-    prompt = sum(c.prompt_tokens for c in completions)
-    completion = sum(c.completion_tokens for c in completions)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 class AdapterApi:
@@ -71,32 +62,25 @@ class AdapterApi:
                            code="model_not_found")
         return requested
 
-    @staticmethod
-    def _supported(req) -> None:
-        problem = req.unsupported()
-        if problem:
-            raise ApiError(400, problem[1], param=problem[0], code="unsupported_parameter")
-
     async def completions(self, body: bytes) -> dict:
         req = parse_request(CompletionRequest, body)
         adapter = self._adapter(req.model)
-        self._supported(req)
+        check_supported(req)
         context = self.backend.model_info(adapter).context_length
         prompts = [self.backend.encode(p) for p in req.prompts()]
         params = [self._params(req, len(p), context, "prompt") for p in prompts]
         done = await self.backend.generate(adapter, prompts, params)
-        choices = [CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason) for i, c in enumerate(done)]
-        return CompletionResponse(model=adapter, choices=choices, usage=usage_of(done)).model_dump(mode="json")
+        outputs = [(c.text, c.finish_reason) for c in done]
+        return completion_response(adapter, outputs, usage_of(done)).model_dump(mode="json")
 
     async def chat_completions(self, body: bytes) -> dict:
         req = parse_request(ChatCompletionRequest, body)
         adapter = self._adapter(req.model)
-        self._supported(req)
+        check_supported(req)
         prompt = self.backend.encode([m.model_dump(include={"role", "content"}) for m in req.messages])
         params = self._params(req, len(prompt), self.backend.model_info(adapter).context_length, "messages")
         done = await self.backend.generate(adapter, [prompt], [params])
-        choice = ChatChoice(index=0, message=ChatMessageOut(content=done[0].text), finish_reason=done[0].finish_reason)
-        return ChatCompletionResponse(model=adapter, choices=[choice], usage=usage_of(done)).model_dump(mode="json")
+        return chat_response(adapter, done[0].text, done[0].finish_reason, usage_of(done)).model_dump(mode="json")
 
     def _params(self, req, prompt_len: int, context: int, param: str):
         return sampling_for(prompt_len, context, req.requested_max_tokens() or self.cfg.max_new_tokens, param,

@@ -218,3 +218,29 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage
+
+
+def check_supported(req: ChatCompletionRequest | CompletionRequest) -> None:
+    """400 for an option this server cannot honour (a silent drop would change the answer)."""
+    problem = req.unsupported()
+    if problem:
+        param, reason = problem
+        raise ApiError(400, reason, param=param, code="unsupported_parameter")
+
+
+def summed_usage(counts: Any) -> Usage:
+    """One reply's usage: (prompt, completion) tokens summed over every model call behind it."""
+    pairs = list(counts)
+    prompt, completion = sum(p for p, _ in pairs), sum(c for _, c in pairs)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def completion_response(model: str, outputs: Any, usage: Usage) -> CompletionResponse:
+    """`outputs`: (text, finish_reason) per prompt, in prompt order."""
+    choices = [CompletionChoice(index=i, text=text, finish_reason=finish) for i, (text, finish) in enumerate(outputs)]
+    return CompletionResponse(model=model, choices=choices, usage=usage)
+
+
+def chat_response(model: str, text: str, finish_reason: str, usage: Usage) -> ChatCompletionResponse:
+    choice = ChatChoice(index=0, message=ChatMessageOut(content=text), finish_reason=finish_reason)
+    return ChatCompletionResponse(model=model, choices=[choice], usage=usage)

@@ -46,16 +46,15 @@ from distill_ray.serve.multiplex import read_adapters
 from distill_ray.serve.multiplex_app import adapter_deployment
 from distill_ray.serve.protocol import (
     ApiError,
-    ChatChoice,
     ChatCompletionRequest,
-    ChatCompletionResponse,
-    ChatMessageOut,
-    CompletionChoice,
     CompletionRequest,
-    CompletionResponse,
     ModelCard,
     Usage,
+    chat_response,
+    check_supported,
+    completion_response,
     parse_request,
+    summed_usage,
 )
 from distill_ray.tasks.record import Step
 from distill_ray.teacher.prompts import last_question
@@ -152,9 +151,8 @@ def _cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
 def _usage(dialogues: list[Dialogue]) -> DialogueUsage:
     calls = [CallUsage(model=a, prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens)
              for d in dialogues for a, c in d.calls]
-    prompt = sum(c.prompt_tokens for c in calls)
-    completion = sum(c.completion_tokens for c in calls)
-    return DialogueUsage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion, calls=calls)
+    total = summed_usage((c.prompt_tokens, c.completion_tokens) for c in calls)
+    return DialogueUsage(**total.model_dump(), calls=calls)
 
 
 class SocraticApi:
@@ -165,9 +163,7 @@ class SocraticApi:
         return await self.pair.complete.remote(adapter, prompt, max_tokens, **sampling)
 
     async def _dialogue(self, req, text: str, max_steps: int) -> tuple[Dialogue, str, str]:
-        problem = req.unsupported()
-        if problem:
-            raise ApiError(400, problem[1], param=problem[0], code="unsupported_parameter")
+        check_supported(req)
         d = await run_dialogue(self._complete, _question(text), self.s, max_steps, temperature=req.temperature,
                                top_p=req.top_p, seed=req.seed, max_tokens=req.requested_max_tokens())
         reply, cut = _cut_at_stop(d.text(), req.stop_sequences())
@@ -181,8 +177,7 @@ class SocraticApi:
         # Dialogues of a prompt list run side by side, so their calls share the adapters' batches.
         done = await asyncio.gather(*(self._dialogue(req, prompt, max_steps) for prompt in req.prompts()))
         dialogues = [d for d, _, _ in done]
-        choices = [CompletionChoice(index=i, text=reply, finish_reason=finish) for i, (_, reply, finish) in enumerate(done)]
-        body_out = CompletionResponse(model=self.s.model_name, choices=choices, usage=_usage(dialogues))
+        body_out = completion_response(self.s.model_name, [(reply, finish) for _, reply, finish in done], _usage(dialogues))
         return 200, body_out.model_dump(mode="json", serialize_as_any=True)  # keeps usage.calls
 
     async def chat_completions(self, body: bytes) -> tuple[int, dict]:
@@ -193,8 +188,7 @@ class SocraticApi:
         if not users:
             raise ApiError(400, "messages: no user message holds a question", param="messages")
         d, reply, finish = await self._dialogue(req, users[-1], _max_steps(body, self.s.max_steps))
-        choice = ChatChoice(index=0, message=ChatMessageOut(content=reply), finish_reason=finish)
-        body_out = ChatCompletionResponse(model=self.s.model_name, choices=[choice], usage=_usage([d]))
+        body_out = chat_response(self.s.model_name, reply, finish, _usage([d]))
         return 200, body_out.model_dump(mode="json", serialize_as_any=True)
 
     async def models(self) -> list[dict]:
