@@ -93,6 +93,19 @@ start_node() {  # start_node NAME ARGS...: launch a node and wait until it has j
   die "$name did not start; logs: $STATE/$name.log and $STATE/$name/session_latest/logs/"
 }
 
+wait_visible() {  # wait_visible N: until `ray status` lists N active nodes
+  # A node that has joined reaches the autoscaler's view (what `ray status` and the
+  # autoscaler act on) only at its next update, a few seconds later.
+  local want="$1" seen=0 deadline=$((SECONDS + START_TIMEOUT_S))
+  while (( SECONDS < deadline )); do
+    seen=$("$RAY" status --address="$ADDRESS" 2>/dev/null | grep -cE '^\s*1 node_[0-9a-f]+$' || true)
+    (( seen >= want )) && return 0
+    sleep 2
+  done
+  stop
+  die "only $seen of $want nodes visible in \`ray status\` after ${START_TIMEOUT_S}s; logs: $STATE/*.log"
+}
+
 start() {
   local n="${1:-2}"
   [[ -x "$RAY" ]] || die "no ray at $RAY (run \`make install\` or set VENV)"
@@ -109,6 +122,7 @@ start() {
   for i in $(seq 1 "$n"); do
     start_node "worker$i" --address="$ADDRESS" --resources="{\"worker_node_$i\": 1}"
   done
+  wait_visible $((n + 1))
   echo "cluster up: head + $n workers at $ADDRESS; dashboard http://127.0.0.1:$DASHBOARD_PORT"
   echo "clients:   eval \"\$($0 env)\""
   echo "submit:    distill-ray submit --address http://127.0.0.1:$DASHBOARD_PORT --follow"
