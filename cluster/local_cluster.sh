@@ -38,6 +38,9 @@ CPUS="${NODE_CPUS:-1}"
 NODE_IP="${NODE_IP:-127.0.0.2}"
 START_TIMEOUT_S="${START_TIMEOUT_S:-120}"
 ADDRESS="$NODE_IP:$PORT"
+# Job entrypoints say `python` (as on the cluster image): on these nodes that must be
+# the venv's interpreter, which has the project's dependencies.
+export PATH="$VENV/bin:$PATH"
 
 # Keep auth on; an explicit RAY_AUTH_MODE=disabled from the caller is respected.
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"

@@ -182,6 +182,9 @@ class TrainConfig(Section):
     num_workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool = False
+    # How Ray places the workers: PACK keeps them on few nodes (cheap all-reduce), SPREAD
+    # puts them on as many as it can (a lost node takes fewer workers with it).
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False
     offload_params: bool = False

@@ -9,15 +9,23 @@ from pathlib import Path
 from .config import Config
 
 
-def worker_env() -> dict[str, str]:
-    """Env vars shipped to every Ray worker (no secrets here: runtime envs are visible in the dashboard)."""
+# Set by Ray in the driver of a submitted job, whose runtime env then governs every worker.
+JOB_ENV_MARKER = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def worker_env(local_paths: bool = True) -> dict[str, str]:
+    """Env vars shipped to every Ray worker (no secrets here: runtime envs are visible in the dashboard).
+
+    `local_paths=False` leaves out paths of this machine, for a job bound for another one.
+    """
     env = {
         "TOKENIZERS_PARALLELISM": "false",
         # Stages print their own progress lines; per-operator bars from every worker drown them.
         "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
-        # DeepSpeed's JIT-built CPU comm op is cached here by `make install`; reuse it.
-        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions")),
     }
+    if local_paths:
+        # DeepSpeed's JIT-built CPU comm op is cached here by `make install`; reuse it.
+        env["TORCH_EXTENSIONS_DIR"] = os.environ.get("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     if "HF_HUB_OFFLINE" in os.environ:
         env["HF_HUB_OFFLINE"] = os.environ["HF_HUB_OFFLINE"]
     return env
@@ -28,11 +36,10 @@ def init_ray(cfg: Config) -> None:
     import ray
 
     os.environ.update({k: v for k, v in worker_env().items() if k not in os.environ})
-    kwargs: dict = {
-        "namespace": cfg.cluster.namespace,
-        "runtime_env": {"env_vars": worker_env()},
-        "log_to_driver": True,
-    }
+    kwargs: dict = {"namespace": cfg.cluster.namespace, "log_to_driver": True}
+    if JOB_ENV_MARKER not in os.environ:
+        # Inside a job Ray refuses a second runtime env: `submit` put these into the job's.
+        kwargs["runtime_env"] = {"env_vars": worker_env()}
     # Inside a Ray job, RAY_ADDRESS points at the cluster the job was submitted to.
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     if address:

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from .config import Config
+from .ray_session import worker_env
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RUNTIME_ENV = REPO_ROOT / "jobs" / "runtime_env.yaml"
@@ -33,14 +34,18 @@ def enable_token_auth() -> None:
 def job_runtime_env(cfg: Config) -> dict:
     env = yaml.safe_load(RUNTIME_ENV.read_text()) or {}
     env["working_dir"] = str(REPO_ROOT)
-    env.setdefault("env_vars", {})[CONFIG_ENV_VAR] = json.dumps(cfg.model_dump(mode="json"))
+    env_vars = env.setdefault("env_vars", {})
+    for key, value in worker_env(local_paths=False).items():
+        env_vars.setdefault(key, value)
+    env_vars[CONFIG_ENV_VAR] = json.dumps(cfg.model_dump(mode="json"))
     return env
 
 
 def submit(args: argparse.Namespace, cfg: Config) -> int:
+    # Before Ray is imported: its core reads RAY_AUTH_MODE once, when it loads.
+    enable_token_auth()
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    enable_token_auth()
     client = JobSubmissionClient(args.address)
     job_id = client.submit_job(
         entrypoint=f"python jobs/entrypoint.py {args.stage}",

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import dockerfile
 import jsonschema
+import mlflow
 import psutil
 import pytest
 import yaml
@@ -43,60 +44,115 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.timeout(600)
-def test_local_cluster_start_status_stop():
-    # Short path: Ray puts Unix sockets under it, and those are limited to 107 bytes.
-    state = Path(tempfile.mkdtemp(prefix="drc", dir="/tmp"))
-    gcs, dashboard = _free_port(), _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # no outside cluster or token
-    env.update(DISTILL_RAY_CLUSTER_DIR=str(state), VENV=str(Path(sys.executable).parent.parent),
-               RAY_PORT=str(gcs), RAY_DASHBOARD_PORT=str(dashboard), RAY_CLIENT_PORT=str(_free_port()),
-               RAY_OBJECT_STORE_BYTES=str(100 * 2**20), START_TIMEOUT_S="150")
+class LocalCluster:
+    """cluster/local_cluster.sh driven as a user would, with its own ports and state dir."""
 
-    def script(*args, timeout):
-        return subprocess.run([str(CLUSTER / "local_cluster.sh"), *args], env=env, capture_output=True,
+    def __init__(self) -> None:
+        # Short path: Ray puts Unix sockets under it, and those are limited to 107 bytes.
+        self.state = Path(tempfile.mkdtemp(prefix="drc", dir="/tmp"))
+        self.gcs, self.dashboard = _free_port(), _free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # no outside cluster or token
+        env.update(DISTILL_RAY_CLUSTER_DIR=str(self.state), VENV=str(Path(sys.executable).parent.parent),
+                   RAY_PORT=str(self.gcs), RAY_DASHBOARD_PORT=str(self.dashboard), RAY_CLIENT_PORT=str(_free_port()),
+                   RAY_OBJECT_STORE_BYTES=str(200 * 2**20), START_TIMEOUT_S="150")
+        self.env = env
+        self.processes: list[psutil.Process] = []
+
+    def script(self, *args, timeout):
+        return subprocess.run([str(CLUSTER / "local_cluster.sh"), *args], env=self.env, capture_output=True,
                               text=True, timeout=timeout)
 
-    processes: list[psutil.Process] = []
-    try:
-        started = script("start", "2", timeout=480)
-        assert started.returncode == 0, started.stdout + started.stderr
-        for pid_file in state.glob("*.pid"):
-            node = psutil.Process(int(pid_file.read_text()))
-            processes += [node, *node.children(recursive=True)]
-
-        status = script("status", timeout=120)  # the ray CLI, through the token
-        assert status.returncode == 0, status.stderr
-        assert len(re.findall(r"^\s*1 node_[0-9a-f]+$", status.stdout, re.M)) == 3, status.stdout
-        for resource in ("local_head", "worker_node_1", "worker_node_2"):
-            assert re.search(rf"/1\.0 {resource}$", status.stdout, re.M), status.stdout
-
-        # Token auth is on: the dashboard (jobs API) refuses a request without the token.
-        url = f"http://127.0.0.1:{dashboard}/api/jobs/"
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(url, timeout=60)
-        assert refused.value.code == 401
-        token = (state / "auth_token").read_text()
-        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
-        assert urllib.request.urlopen(request, timeout=60).status == 200
-
-        # A Python client configured by `env` reaches all three nodes.
-        exports = dict(kv.split("=", 1) for line in script("env", timeout=30).stdout.splitlines()
+    def client_env(self) -> dict[str, str]:
+        """What `local_cluster.sh env` tells a client to export, on top of the test's env."""
+        exports = dict(kv.split("=", 1) for line in self.script("env", timeout=30).stdout.splitlines()
                        for kv in shlex.split(line)[1:])
-        client = subprocess.run([sys.executable, "-c", CLIENT], env={**env, **exports},
-                                capture_output=True, text=True, timeout=180)
-        assert client.returncode == 0, client.stderr[-3000:]
-        assert len(set(json.loads(client.stdout.splitlines()[-1]))) == 3
+        return {**self.env, **exports}
+
+
+@pytest.fixture(scope="module")
+def local_cluster():
+    cluster = LocalCluster()
+    try:
+        started = cluster.script("start", "2", timeout=480)
+        assert started.returncode == 0, started.stdout + started.stderr
+        for pid_file in cluster.state.glob("*.pid"):
+            node = psutil.Process(int(pid_file.read_text()))
+            cluster.processes += [node, *node.children(recursive=True)]
+        yield cluster
     finally:
-        stopped = script("stop", timeout=180)
+        stopped = cluster.script("stop", timeout=180)
     assert stopped.returncode == 0, stopped.stderr
     # Every process of the three nodes is gone (workers included), and only those.
-    _, alive = psutil.wait_procs(processes, timeout=30)
+    _, alive = psutil.wait_procs(cluster.processes, timeout=30)
     assert alive == []
-    assert not list(state.glob("*.pid"))
+    assert not list(cluster.state.glob("*.pid"))
     with pytest.raises(ConnectionRefusedError):
-        socket.create_connection(("127.0.0.2", gcs), timeout=10).close()
-    shutil.rmtree(state)  # kept when the test fails: the nodes' logs are in it
+        socket.create_connection(("127.0.0.2", cluster.gcs), timeout=10).close()
+    shutil.rmtree(cluster.state)  # kept when a test fails: the nodes' logs are in it
+
+
+@pytest.mark.timeout(600)
+def test_local_cluster_status_token_and_nodes(local_cluster):
+    status = local_cluster.script("status", timeout=120)  # the ray CLI, through the token
+    assert status.returncode == 0, status.stderr
+    assert len(re.findall(r"^\s*1 node_[0-9a-f]+$", status.stdout, re.M)) == 3, status.stdout
+    for resource in ("local_head", "worker_node_1", "worker_node_2"):
+        assert re.search(rf"/1\.0 {resource}$", status.stdout, re.M), status.stdout
+
+    # Token auth is on: the dashboard (jobs API) refuses a request without the token.
+    url = f"http://127.0.0.1:{local_cluster.dashboard}/api/jobs/"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(url, timeout=60)
+    assert refused.value.code == 401
+    token = (local_cluster.state / "auth_token").read_text()
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    assert urllib.request.urlopen(request, timeout=60).status == 200
+
+    # A Python client configured by `env` reaches all three nodes.
+    client = subprocess.run([sys.executable, "-c", CLIENT], env=local_cluster.client_env(),
+                            capture_output=True, text=True, timeout=180)
+    assert client.returncode == 0, client.stderr[-3000:]
+    assert len(set(json.loads(client.stdout.splitlines()[-1]))) == 3
+
+
+TINY_RUN = [
+    "--set", "tasks.synthetic.train_size=160", "--set", "tasks.synthetic.test_size=24",
+    "--set", "train.max_steps=10", "--set", "train.checkpoint_every=5", "--set", "train.batch_size=16",
+    "--set", "train.placement_strategy=SPREAD", "--set", "teacher.num_actors=2", "--set", "teacher.actor_cpus=0.5",
+    "--set", "serve.replica_cpus=0.5", "--set", "eval.max_new_tokens=32",
+]
+
+
+@pytest.mark.timeout(900)
+def test_submit_runs_the_pipeline_as_a_job_and_returns_its_outcome(local_cluster, mlflow_server, tmp_path):
+    """`distill-ray submit --follow` on the script's cluster: token auth, logs, exit code = outcome."""
+    env = local_cluster.client_env()
+    address = f"http://127.0.0.1:{local_cluster.dashboard}"
+    common = [*TINY_RUN, "--set", f"storage.root={tmp_path}", "--set", f"tracking.uri={mlflow_server.uri}",
+              "--set", "tracking.experiment=submit-test", "--set", f"serve.port={_free_port()}"]
+    del env["RAY_AUTH_MODE"]  # submit turns token auth on by itself when a token is at hand
+
+    def submit(*args):
+        return subprocess.run([sys.executable, "-m", "distill_ray.cli", "submit", "--address", address, "--follow",
+                               *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=840)
+
+    ok = submit(*common, "--set", "run_name=submitted")
+    assert ok.returncode == 0, ok.stdout[-4000:] + ok.stderr[-4000:]
+    assert re.search(r"^job \S+: SUCCEEDED$", ok.stdout, re.M), ok.stdout[-3000:]
+    assert "overall" in ok.stdout  # the run's summary table, streamed from the job's logs
+    summary = json.loads((tmp_path / "submitted" / "summary.json").read_text())
+    assert summary["train"]["steps"] == 10 and summary["eval"]["n"] == 24
+
+    client = mlflow.MlflowClient(mlflow_server.uri)
+    exp = client.get_experiment_by_name("submit-test")
+    [parent] = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name == "submitted"]
+    assert parent.info.status == "FINISHED" and parent.data.metrics["n"] == 24
+
+    # A job that fails on the cluster (no trained student for this run) fails the command.
+    failed = submit(*common, "--set", "run_name=never-trained", "--stage", "eval")
+    assert failed.returncode == 1, failed.stdout[-3000:] + failed.stderr[-3000:]
+    assert re.search(r"^job \S+: FAILED$", failed.stdout, re.M), failed.stdout[-3000:]
+    assert "no trained student for run 'never-trained'" in failed.stdout
 
 
 def test_vm_launcher_config_is_what_ray_up_accepts():

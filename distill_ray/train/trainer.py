@@ -178,6 +178,7 @@ def run_training(
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,
             resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+            placement_strategy=cfg.train.placement_strategy,
         ),
         run_config=RunConfig(
             storage_path=storage,
