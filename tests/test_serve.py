@@ -136,8 +136,9 @@ def test_sampling_params_reject_bad_values(bad, names):
         SamplingParams(**{"max_tokens": 4, **bad})
 
 
-def test_vllm_backend_names_the_missing_extra(student):
+def test_vllm_backend_names_the_missing_extra(student, monkeypatch):
     assert "vllm" not in sys.modules, "importing distill_ray.serve must not import vllm"
+    monkeypatch.setitem(sys.modules, "vllm", None)  # what `import vllm` meets without the extra
     with pytest.raises(MissingExtraError, match=r"pip install distill-ray\[vllm\]") as e:
         VllmBackend(student[0], ServeConfig(backend="vllm"))
     assert str(e.value) == MISSING_VLLM

@@ -82,3 +82,7 @@ class VllmBackend:
             prompt_tokens=len(prompt),
             completion_tokens=len(out.token_ids),
         )
+
+    def shutdown(self) -> None:
+        """Stop the engine's processes now rather than whenever the object is collected."""
+        self.engine.shutdown()

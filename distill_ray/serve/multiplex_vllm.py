@@ -2,7 +2,8 @@
 
 vLLM keeps the base once and applies each request's adapter inside its batches
 (`LoRARequest`); the engine is started with `enable_lora` and room for every adapter.
-`vllm` is imported only here, when this backend is built. Not exercised by the CPU tests.
+`vllm` is imported only here, when this backend is built. Tested on vLLM's CPU build
+(tests/test_vllm_serve.py).
 """
 from __future__ import annotations
 
@@ -67,3 +68,6 @@ class VllmAdapterBackend:
         out = final.outputs[0]
         return Completion(text=out.text, finish_reason="length" if out.finish_reason == "length" else "stop",
                           prompt_tokens=len(prompt), completion_tokens=len(out.token_ids))
+
+    def shutdown(self) -> None:
+        self._engine.shutdown()

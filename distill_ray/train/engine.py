@@ -11,6 +11,7 @@ variants need a JIT C++/CUDA build (minutes on CPU) and buy nothing at these siz
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,6 +158,9 @@ def build_engine(
     # DeepSpeed's comm layer must wrap the process group Ray Train (or the caller) set up
     # before the model is built: ZeRO-3's sharded construction sizes the world from it.
     if dist.is_initialized():
+        if dist.get_world_size() == 1:
+            # A one-process group needs no launcher; ZeRO-3 and offload still read this.
+            os.environ.setdefault("LOCAL_RANK", "0")
         deepspeed.init_distributed(dist_backend=dist.get_backend())
     ds_config = deepspeed_config(cfg.train, cfg.student, world_size)
     hf_ds_config = HfDeepSpeedConfig(ds_config) if cfg.train.zero_stage == 3 else None
