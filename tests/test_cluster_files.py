@@ -22,6 +22,7 @@ import mlflow
 import psutil
 import pytest
 import yaml
+from tiny import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -38,11 +39,6 @@ print(json.dumps(ray.get([where.options(resources={r: 0.01}).remote()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class LocalCluster:
     """cluster/local_cluster.sh driven as a user would, with its own ports and state dir."""
@@ -50,10 +46,10 @@ class LocalCluster:
     def __init__(self) -> None:
         # Short path: Ray puts Unix sockets under it, and those are limited to 107 bytes.
         self.state = Path(tempfile.mkdtemp(prefix="drc", dir="/tmp"))
-        self.gcs, self.dashboard = _free_port(), _free_port()
+        self.gcs, self.dashboard = free_port(), free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # no outside cluster or token
         env.update(DISTILL_RAY_CLUSTER_DIR=str(self.state), VENV=str(Path(sys.executable).parent.parent),
-                   RAY_PORT=str(self.gcs), RAY_DASHBOARD_PORT=str(self.dashboard), RAY_CLIENT_PORT=str(_free_port()),
+                   RAY_PORT=str(self.gcs), RAY_DASHBOARD_PORT=str(self.dashboard), RAY_CLIENT_PORT=str(free_port()),
                    RAY_OBJECT_STORE_BYTES=str(200 * 2**20), START_TIMEOUT_S="150")
         self.env = env
         self.processes: list[psutil.Process] = []
@@ -129,7 +125,7 @@ def test_submit_runs_the_pipeline_as_a_job_and_returns_its_outcome(local_cluster
     env = local_cluster.client_env()
     address = f"http://127.0.0.1:{local_cluster.dashboard}"
     common = [*TINY_RUN, "--set", f"storage.root={tmp_path}", "--set", f"tracking.uri={mlflow_server.uri}",
-              "--set", "tracking.experiment=submit-test", "--set", f"serve.port={_free_port()}"]
+              "--set", "tracking.experiment=submit-test", "--set", f"serve.port={free_port()}"]
     del env["RAY_AUTH_MODE"]  # submit turns token auth on by itself when a token is at hand
 
     def submit(*args):

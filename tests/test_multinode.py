@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import threading
 import time
 
@@ -27,16 +26,11 @@ from distill_ray.train.checkpoint import CALLER_STATE_KEY, read_state
 from distill_ray.train.prebuild import prebuild
 from distill_ray.train.trainer import run_training
 from rows import arithmetic_rows
+from tiny import TRAIN_SPEC, free_port
 
 pytestmark = pytest.mark.timeout(600)
 
-TINY = {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128, "vocab_size": 320}
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +39,7 @@ def cluster():
     c = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "resources": {"head_node": 1},
         # Ray Train's cleanup and the placement assertions read the state API.
-        "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": _free_port(),
+        "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": free_port(),
     })
     workers = [c.add_node(num_cpus=1, resources={f"worker_node_{i}": 1}) for i in (1, 2)]
     c.wait_for_nodes()
@@ -91,7 +85,7 @@ def test_training_survives_losing_a_worker_node(cluster, tmp_path):
         "train": {"num_workers": 2, "cpus_per_worker": 1, "placement_strategy": "SPREAD", "batch_size": 16,
                   "micro_batch_size": 8, "lr": 3e-3, "warmup_steps": 5, "max_seq_len": 64, "log_every": 20,
                   "max_steps": 240, "checkpoint_every": 20, "max_failures": 1},
-        "student": {"tiny": TINY},
+        "student": {"tiny": TRAIN_SPEC},
     })
     storage = str(tmp_path / "train")
     outcome: dict = {}

@@ -22,7 +22,8 @@ from distill_ray.serve.app import BATCH_SIZE_HEADER
 from distill_ray.serve.backend import encode_prompt, eos_token_ids
 from distill_ray.serve.backend_vllm import MISSING_VLLM, VllmBackend
 from distill_ray.serve.decoding import decode_batch
-from distill_ray.train.student import TinySpec, tiny_model, train_tokenizer
+from distill_ray.train.student import TinySpec
+from tiny import addition_student
 
 CONTEXT = 128
 MAX_BATCH = 8
@@ -30,26 +31,11 @@ MAX_BATCH = 8
 
 @pytest.fixture(scope="module")
 def student(tmp_path_factory):
-    """A tiny model trained for a few seconds, so greedy outputs vary by prompt and end in EOS."""
-    # One thread: on a shared 2-core box, more only spin against the replica and each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    texts = [f"Q: what is {a} plus {b}? A: {a} plus {b} makes {a + b}, so the answer is {a + b}.</s>" for a in range(40) for b in range(25)]
-    tok = train_tokenizer(texts)
-    model = tiny_model(tok, TinySpec(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, max_positions=CONTEXT))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(40):
-        batch = [texts[i] for i in torch.randint(len(texts), (32,), generator=gen).tolist()]
-        enc = tok(batch, return_tensors="pt", padding=True)
-        loss = model(**enc, labels=enc.input_ids.masked_fill(enc.attention_mask == 0, -100)).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
     path = tmp_path_factory.mktemp("student")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
+    model, tok = addition_student(path, TinySpec(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
+                                                 max_positions=CONTEXT))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the in-process decoding tests share the box with the replica
     yield str(path), model, tok
     torch.set_num_threads(threads)
 

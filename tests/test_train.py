@@ -3,7 +3,6 @@ ZeRO-2 with an injected failure that must resume from its checkpoint."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,21 +21,16 @@ from distill_ray.train.data import BatchPlan, Batcher, canonical_order, encode_r
 from distill_ray.train.prebuild import prebuild
 from distill_ray.train.trainer import run_training
 from rows import arithmetic_rows
+from tiny import TRAIN_SPEC, free_port
 
-TINY = {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128, "vocab_size": 320}
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     # Started first: it needs ~30 s to migrate its database, which overlaps the first fit.
     root = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1",
          "--port", str(port), "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
@@ -74,7 +68,7 @@ def ray_cluster(mlflow_server):
 def _config(lora: dict | None = None, **train) -> Config:
     base = {"num_workers": 2, "cpus_per_worker": 1, "batch_size": 16, "micro_batch_size": 4, "lr": 3e-3,
             "warmup_steps": 5, "max_seq_len": 64, "log_every": 5}
-    student = {"tiny": TINY, "lora": lora or {}}
+    student = {"tiny": TRAIN_SPEC, "lora": lora or {}}
     return Config.model_validate({"train": {**base, **train}, "student": student})
 
 

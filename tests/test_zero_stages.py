@@ -8,7 +8,6 @@ export a plain HF model giving the engine's logits.
 """
 from __future__ import annotations
 
-import socket
 import time
 
 import deepspeed.comm
@@ -27,8 +26,8 @@ from distill_ray.train.prebuild import prebuild
 from distill_ray.train.step import LocalEngine, train_step
 from distill_ray.train.student import train_tokenizer
 from rows import arithmetic_rows
+from tiny import TRAIN_SPEC, free_port
 
-TINY = {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128, "vocab_size": 320}
 STEPS = 8
 TOTAL = STEPS + 4  # the LR schedule's length: still above zero after the resumed step
 
@@ -49,7 +48,7 @@ def _config(seed: int = 0, **train) -> Config:
     # 8 rows a step in 2 micro-batches of 4: gradient accumulation is exercised too.
     base = {"num_workers": 1, "batch_size": 8, "micro_batch_size": 4, "lr": 1e-2, "warmup_steps": 2,
             "max_seq_len": 64}
-    return Config.model_validate({"train": {**base, **train}, "student": {"tiny": TINY}, "seed": seed})
+    return Config.model_validate({"train": {**base, **train}, "student": {"tiny": TRAIN_SPEC}, "seed": seed})
 
 
 @pytest.fixture(scope="module")
@@ -58,24 +57,19 @@ def data():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # at these sizes more threads only contend
     rows = arithmetic_rows(8)
-    tokenizer = train_tokenizer([t for r in rows for t in (r["prompt"], r["target"])], vocab_size=TINY["vocab_size"])
+    tokenizer = train_tokenizer([t for r in rows for t in (r["prompt"], r["target"])], vocab_size=TRAIN_SPEC["vocab_size"])
     encoded, _ = encode_rows(tokenizer, validate_rows(rows), max_len=64)
     micro = [collate(encoded[:4], tokenizer.pad_token_id), collate(encoded[4:], tokenizer.pad_token_id)]
     yield tokenizer, micro
     torch.set_num_threads(threads)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture
 def process_group(monkeypatch):
     """A one-rank gloo world set up the way a launcher (torchrun, Ray Train) would."""
     for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}.items():
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}.items():
         monkeypatch.setenv(name, value)
     dist.init_process_group("gloo", rank=0, world_size=1)
     yield
