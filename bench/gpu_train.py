@@ -116,10 +116,9 @@ def deepspeed_engine(config, zero: int, micro: int, device: torch.device, lr: fl
 
     ensure_extensions_dir()  # DeepSpeed's comm op as `make install` built it, not a fresh JIT build
     if not dist.is_initialized():
-        # What a launcher would set for a one-process group; DeepSpeed reads them too.
-        for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511"), ("RANK", "0"),
-                           ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-            os.environ.setdefault(key, value)
+        # The rendezvous a launcher would give; build_engine handles the rest of a one-process world.
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29511")
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
     if device.type == "cuda":
         torch.cuda.set_device(device)
