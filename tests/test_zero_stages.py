@@ -71,8 +71,6 @@ def process_group(monkeypatch):
     for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
                         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}.items():
         monkeypatch.setenv(name, value)
-    # An earlier test's world may have left DeepSpeed's comm layer cached; start afresh.
-    deepspeed.comm.comm.cdb = None
     dist.init_process_group("gloo", rank=0, world_size=1)
     yield
     # DeepSpeed's own teardown: it also drops the groups it cached from this world, which
