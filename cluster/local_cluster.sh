@@ -41,6 +41,9 @@ ADDRESS="$NODE_IP:$PORT"
 # Job entrypoints say `python` (as on the cluster image): on these nodes that must be
 # the venv's interpreter, which has the project's dependencies.
 export PATH="$VENV/bin:$PATH"
+# On SIGTERM a node first drains (up to 30 s) so its work can move to other nodes. `stop`
+# ends every node at once, so there is nowhere to move to: skip the wait unless asked.
+export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="${RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S:-0}"
 
 # Keep auth on; an explicit RAY_AUTH_MODE=disabled from the caller is respected.
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"

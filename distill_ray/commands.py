@@ -70,7 +70,7 @@ def dispatch(args: argparse.Namespace, cfg: Config) -> int:
             return 0
         if args.command == "serve":
             from .methods import get_recipe
-            from .serve.deploy import deploy_student, shutdown_serve
+            from .serve.deploy import deploy_student, remove_student
 
             url = deploy_student(cfg, model_dir, app=get_recipe(cfg.method.name).serve_app)
             print(f"serving {model_dir} at {url} (model name '{cfg.serve.model_name}'); Ctrl-C to stop", flush=True)
@@ -78,5 +78,5 @@ def dispatch(args: argparse.Namespace, cfg: Config) -> int:
                 while True:
                     time.sleep(3600)
             finally:
-                shutdown_serve()
+                remove_student()  # run_context stops Serve itself if this command started it
     raise AssertionError(f"unhandled command {args.command}")

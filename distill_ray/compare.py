@@ -105,12 +105,15 @@ def run_compare(cfg: Config, methods: tuple[str, ...] = DEFAULT_METHODS) -> list
         get_recipe(m)  # unknown names fail before anything starts
     if len(set(methods)) != len(methods) or not methods:
         raise ValueError(f"compare: methods must be distinct and non-empty, got {list(methods)}")
+    from .serve.deploy import serve_session
+
     started = time.monotonic()
     steps = step_budget(cfg)
     print(f"[compare] {', '.join(methods)}: {steps} optimizer steps each", flush=True)
     with ExitStack() as stack:
         stack.enter_context(teacher_endpoint(cfg))
         stack.enter_context(ray_session(cfg))
+        stack.enter_context(serve_session())  # one Serve start for every method's evaluation
         server = stack.enter_context(tracking_for(cfg))
         summaries, failed = {}, {}
         for m in methods:

@@ -217,6 +217,9 @@ class ServeConfig(Section):
     batch_wait_timeout_s: float = Field(0.02, ge=0)
     max_new_tokens: int = Field(128, ge=1)
     model_name: str = "student"
+    # Constructor failures before a deploy is declared failed (Ray Serve counts at most 3
+    # per replica): a student that cannot load fails in one load, not after twenty.
+    start_attempts: int = Field(3, ge=1)
     vllm: dict[str, Any] = {}  # extra vLLM engine args
 
 

@@ -57,6 +57,12 @@ def _experiment(client: mlflow.MlflowClient, name: str) -> str:
     return exp.experiment_id if exp else client.create_experiment(name)
 
 
+def _serve_session():
+    from .serve.deploy import serve_session  # Serve's import is heavy; collect and train need none of it
+
+    return serve_session()
+
+
 @contextmanager
 def run_context(cfg: Config):
     """Ray, the tracking server and the parent MLflow run, torn down in reverse order."""
@@ -67,6 +73,7 @@ def run_context(cfg: Config):
     with ExitStack() as stack:
         stack.enter_context(teacher_endpoint(cfg))  # first: a bad teacher URL fails before Ray starts
         stack.enter_context(ray_session(cfg))
+        stack.enter_context(_serve_session())
         server = stack.enter_context(tracking_for(cfg))
         client = mlflow.MlflowClient(server.uri)
         experiment_id = _experiment(client, cfg.tracking.experiment)
@@ -135,7 +142,7 @@ def trained_model_dir(cfg: Config) -> str:
 
 def stage_eval(ctx: RunContext, model_dir: str, method_ctx: MethodContext):
     from .evaluate.stage import evaluate_endpoint, log_evaluation
-    from .serve.deploy import deploy_student, shutdown_serve
+    from .serve.deploy import deploy_student, remove_student
 
     run_id = ctx.child_run("eval")
     for key, value in (ctx.recipe.lineage(ctx.cfg) if ctx.recipe.lineage else {}).items():
@@ -145,7 +152,7 @@ def stage_eval(ctx: RunContext, model_dir: str, method_ctx: MethodContext):
     try:
         report = evaluate_endpoint(ctx.cfg, ctx.test, ctx.recipe, base_url, model_dir, method_ctx)
     finally:
-        shutdown_serve()
+        remove_student()
     log_evaluation(ctx.client, run_id, report)
     # Beside the MLflow artifact, in the run dir, for scripts that slice results their own way.
     Path(ctx.cfg.run_dir).mkdir(parents=True, exist_ok=True)

@@ -16,8 +16,9 @@ def shared_data() -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1 for the tests of one module (test_train keeps its own)."""
+    """One real `mlflow server` on 127.0.0.1 for the whole session (each start costs ~10 s);
+    tests keep apart by experiment name."""
     with start_mlflow_server(tmp_path_factory.mktemp("mlflow")) as server:
         yield server

@@ -115,13 +115,16 @@ TINY_RUN = [
     "--set", "tasks.synthetic.train_size=160", "--set", "tasks.synthetic.test_size=24",
     "--set", "train.max_steps=10", "--set", "train.checkpoint_every=5", "--set", "train.batch_size=16",
     "--set", "train.placement_strategy=SPREAD", "--set", "teacher.num_actors=2", "--set", "teacher.actor_cpus=0.5",
-    "--set", "serve.replica_cpus=0.5", "--set", "eval.max_new_tokens=32",
+    "--set", "serve.replica_cpus=0.5", "--set", "eval.max_new_tokens=32", "--set", "train.log_every=5",
 ]
 
 
 @pytest.mark.timeout(900)
-def test_submit_runs_the_pipeline_as_a_job_and_returns_its_outcome(local_cluster, mlflow_server, tmp_path):
-    """`distill-ray submit --follow` on the script's cluster: token auth, logs, exit code = outcome."""
+def test_submitted_run_end_to_end_read_back_from_mlflow(local_cluster, mlflow_server, tmp_path):
+    """The tiny default sent with `distill-ray submit --follow` to the script's cluster (token
+    auth on): Ray Data → LanceDB → Ray Train + DeepSpeed → Ray Serve → eval, every stage read
+    back from the real MLflow server; a second job's collect asks the teacher nothing; a
+    failing job fails the command."""
     env = local_cluster.client_env()
     address = f"http://127.0.0.1:{local_cluster.dashboard}"
     common = [*TINY_RUN, "--set", f"storage.root={tmp_path}", "--set", f"tracking.uri={mlflow_server.uri}",
@@ -135,14 +138,46 @@ def test_submit_runs_the_pipeline_as_a_job_and_returns_its_outcome(local_cluster
     ok = submit(*common, "--set", "run_name=submitted")
     assert ok.returncode == 0, ok.stdout[-4000:] + ok.stderr[-4000:]
     assert re.search(r"^job \S+: SUCCEEDED$", ok.stdout, re.M), ok.stdout[-3000:]
-    assert "overall" in ok.stdout  # the run's summary table, streamed from the job's logs
+    # The run's summary table, streamed from the job's logs, and how to open the MLflow UI.
+    assert "overall" in ok.stdout and "synthetic/unit_conversion" in ok.stdout
+    assert mlflow_server.uri in ok.stdout
     summary = json.loads((tmp_path / "submitted" / "summary.json").read_text())
     assert summary["train"]["steps"] == 10 and summary["eval"]["n"] == 24
 
     client = mlflow.MlflowClient(mlflow_server.uri)
     exp = client.get_experiment_by_name("submit-test")
-    [parent] = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name == "submitted"]
-    assert parent.info.status == "FINISHED" and parent.data.metrics["n"] == 24
+    runs = client.search_runs([exp.experiment_id])
+    [parent] = [r for r in runs if r.info.run_name == "submitted"]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["train.max_steps"] == "10" and parent.data.params["method.name"] == "std_cot"
+    assert 0.0 <= parent.data.metrics["accuracy"] <= 1.0 and parent.data.metrics["n"] == 24
+    assert any(k.startswith("lancedb.rationales") for k in parent.data.tags)
+
+    children = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == {"collect", "train", "eval"}
+    collect = children["collect"].data.metrics
+    assert collect["rationales.examples"] == 160
+    assert collect["rationales.kept"] + collect["rationales.failed"] == 160
+    assert collect["rationales.http_requests"] >= 160
+
+    losses = client.get_metric_history(children["train"].info.run_id, "loss")
+    assert len(losses) >= 2, "rank 0 logs the loss as training goes"
+    assert losses[-1].value < losses[0].value
+
+    ev = children["eval"]
+    assert ev.data.metrics["flops_total_mean"] > ev.data.metrics["flops_prefill_mean"] > 0
+    assert ev.data.metrics["prompt_tokens_mean"] > 0
+    assert "predictions.jsonl" in {a.path for a in client.list_artifacts(ev.info.run_id)}
+    local = client.download_artifacts(ev.info.run_id, "predictions.jsonl", str(tmp_path / "dl"))
+    preds = [json.loads(line) for line in Path(local).read_text().splitlines()]
+    assert len(preds) == 24 and {"prediction", "correct", "flops_total", "output"} <= set(preds[0])
+
+    # A second collect over the same storage asks the teacher nothing: everything is cached.
+    again = submit(*common, "--set", "run_name=again", "--stage", "collect")
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    [cached] = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name == "again/collect"]
+    assert cached.data.metrics["rationales.http_requests"] == 0
+    assert cached.data.metrics["rationales.cache_hits"] == 160
 
     # A job that fails on the cluster (no trained student for this run) fails the command.
     failed = submit(*common, "--set", "run_name=never-trained", "--stage", "eval")

@@ -22,8 +22,9 @@ from distill_ray.serve.app import BATCH_SIZE_HEADER
 from distill_ray.serve.backend import encode_prompt, eos_token_ids
 from distill_ray.serve.backend_vllm import MISSING_VLLM, VllmBackend
 from distill_ray.serve.decoding import decode_batch
+from distill_ray.serve.deploy import serve_session
 from distill_ray.train.student import TinySpec
-from tiny import addition_student
+from tiny import addition_student, free_port
 
 CONTEXT = 128
 MAX_BATCH = 8
@@ -283,10 +284,27 @@ def test_an_over_long_max_tokens_is_trimmed_to_the_context(student, client):
 def test_a_replica_that_cannot_start_fails_the_deploy_with_its_reason(student, server):
     # Serve itself only says "failed to update the deployments"; the caller needs the why.
     # An engine argument vLLM does not know: the replica's constructor raises at once.
-    cfg = Config(serve=ServeConfig(port=0, backend="vllm", replica_cpus=0.5, vllm={"no_such_engine_arg": 1}))
+    cfg = Config(serve=ServeConfig(port=0, backend="vllm", replica_cpus=0.5, start_attempts=1, vllm={"no_such_engine_arg": 1}))
     try:
         with pytest.raises(RuntimeError, match=r"'broken'.*no_such_engine_arg"):
             deploy_student(cfg, student[0], app_name="broken", route_prefix="/broken")
     finally:
         serve.delete("broken")
     assert httpx.get(f"{server}/models", timeout=10).status_code == 200  # the other app is untouched
+
+
+def test_a_serve_session_stops_only_the_serve_it_started(server):
+    # Last in this module: it takes the module's Serve down.
+    def running() -> bool:
+        return serve.context._get_global_client(raise_if_no_controller_running=False) is not None
+
+    with serve_session():  # Serve was already up (a shared cluster's): left alone
+        pass
+    assert running() and httpx.get(f"{server}/models", timeout=10).status_code == 200
+
+    serve.shutdown()
+    with serve_session():  # a comparison's: every method's evaluation inside it
+        with serve_session():
+            serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+        assert running(), "an inner session (one method's run) leaves Serve up for the next"
+    assert not running()

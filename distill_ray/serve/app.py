@@ -152,13 +152,20 @@ class StudentServer(StudentReplica):
 StudentModel = serve.deployment(StudentReplica)
 
 
-def build_app(cfg: ServeConfig, model_dir: str, *, ingress: bool = True) -> Application:
-    deployment = StudentServer if ingress else StudentModel
-    return deployment.options(
-        num_replicas=cfg.num_replicas,
-        ray_actor_options={"num_cpus": cfg.replica_cpus, "num_gpus": cfg.replica_gpus},
+def deployment_options(cfg: ServeConfig, *, num_cpus: float, num_gpus: float = 0.0) -> dict:
+    """The options every deployment of an app shares; callers add `num_replicas` where it scales."""
+    return dict(
+        ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
         # Enough requests in flight per replica to fill a batch while the previous one decodes.
         max_ongoing_requests=max(16, 2 * cfg.max_batch_size),
         # One access-log line per request drowns a run's progress output; errors still log.
         logging_config={"enable_access_log": False, "log_level": "WARNING"},
+        max_constructor_retry_count=cfg.start_attempts,
+    )
+
+
+def build_app(cfg: ServeConfig, model_dir: str, *, ingress: bool = True) -> Application:
+    deployment = StudentServer if ingress else StudentModel
+    return deployment.options(
+        num_replicas=cfg.num_replicas, **deployment_options(cfg, num_cpus=cfg.replica_cpus, num_gpus=cfg.replica_gpus),
     ).bind(model_dir, cfg.model_dump())

@@ -5,7 +5,8 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import httpx
 from ray import serve
@@ -153,3 +154,37 @@ def deploy_student(
 def shutdown_serve() -> None:
     """Stop every Serve app and the proxy; Ray itself keeps running."""
     serve.shutdown()
+
+
+def remove_student(app_name: str = "student") -> None:
+    """Take one app down, leaving Serve (and anyone else's apps) running."""
+    serve.delete(app_name)
+
+
+_session_depth = 0
+
+
+def _serve_running() -> bool:
+    try:
+        return serve.context._get_global_client(raise_if_no_controller_running=False) is not None
+    except Exception:  # a stale client from a dead cluster
+        return False
+
+
+@contextmanager
+def serve_session() -> Iterator[None]:
+    """Serve started inside stays up until the outermost session ends, then stops.
+
+    A comparison deploys one student per method: starting Serve's controller and proxy
+    once instead of once per method saves seconds each. A Serve that was already running
+    (a shared cluster, a test's) is left as it was.
+    """
+    global _session_depth
+    was_running = _session_depth > 0 or _serve_running()
+    _session_depth += 1
+    try:
+        yield
+    finally:
+        _session_depth -= 1
+        if not was_running and _serve_running():
+            serve.shutdown()

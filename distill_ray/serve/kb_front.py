@@ -29,7 +29,7 @@ from ray.serve.deployment import Application
 from ray.serve.handle import DeploymentHandle
 
 from distill_ray.config import Config, ServeConfig
-from distill_ray.serve.app import build_app, check_request
+from distill_ray.serve.app import build_app, check_request, deployment_options
 from distill_ray.serve.api_errors import install_error_handlers
 from distill_ray.serve.backend import Completion
 from distill_ray.serve.protocol import (
@@ -193,8 +193,5 @@ class KnowledgeFront:
 def build_front_app(cfg: Config, model_dir: str, settings: FrontSettings) -> Application:
     student = build_app(cfg.serve, model_dir, ingress=False)
     return KnowledgeFront.options(
-        num_replicas=cfg.serve.num_replicas,
-        ray_actor_options={"num_cpus": 0.25},
-        max_ongoing_requests=max(16, 2 * cfg.serve.max_batch_size),
-        logging_config={"enable_access_log": False, "log_level": "WARNING"},
+        num_replicas=cfg.serve.num_replicas, **deployment_options(cfg.serve, num_cpus=0.25),
     ).bind(student, asdict(settings), cfg.serve.model_dump())

@@ -17,7 +17,7 @@ from ray.serve.deployment import Application
 
 from distill_ray.config import ServeConfig
 from distill_ray.serve.api_errors import error_reply, install_error_handlers
-from distill_ray.serve.app import sampling_for, usage_of
+from distill_ray.serve.app import deployment_options, sampling_for, usage_of
 from distill_ray.serve.backend import Completion
 from distill_ray.serve.multiplex import read_adapters
 from distill_ray.serve.protocol import (
@@ -170,10 +170,7 @@ class AdapterHttpServer(AdapterReplica):
 
 def adapter_deployment(cfg: ServeConfig, *, http: bool = False):
     return (AdapterHttpServer if http else AdapterServer).options(
-        num_replicas=cfg.num_replicas,
-        ray_actor_options={"num_cpus": cfg.replica_cpus, "num_gpus": cfg.replica_gpus},
-        max_ongoing_requests=max(16, 2 * cfg.max_batch_size),
-        logging_config={"enable_access_log": False, "log_level": "WARNING"},
+        num_replicas=cfg.num_replicas, **deployment_options(cfg, num_cpus=cfg.replica_cpus, num_gpus=cfg.replica_gpus),
     )
 
 

@@ -41,6 +41,7 @@ from distill_ray.methods.socratic_format import (
     solver_prompt,
 )
 from distill_ray.serve.api_errors import install_error_handlers
+from distill_ray.serve.app import deployment_options
 from distill_ray.serve.backend import Completion
 from distill_ray.serve.multiplex import read_adapters
 from distill_ray.serve.multiplex_app import adapter_deployment
@@ -252,9 +253,5 @@ def build_socratic_app(cfg: Config, model_dir: str) -> Application:
     s = cfg.method.socratic
     settings = DialogueSettings(cfg.serve.model_name, s.max_steps, s.step_max_tokens)
     pair = adapter_deployment(cfg.serve).bind(model_dir, cfg.serve.model_dump())
-    return SocraticServer.options(
-        # The dialogue waits on the adapter replica; it needs almost no CPU of its own.
-        ray_actor_options={"num_cpus": 0.1},
-        max_ongoing_requests=max(16, 2 * cfg.serve.max_batch_size),
-        logging_config={"enable_access_log": False, "log_level": "WARNING"},
-    ).bind(pair, asdict(settings))
+    # The dialogue waits on the adapter replica; it needs almost no CPU of its own.
+    return SocraticServer.options(**deployment_options(cfg.serve, num_cpus=0.1)).bind(pair, asdict(settings))
