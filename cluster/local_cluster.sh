@@ -21,7 +21,8 @@
 # Settings (environment): VENV, DISTILL_RAY_CLUSTER_DIR (state dir, default
 # /tmp/distill-ray-cluster), RAY_PORT (GCS, 6379), RAY_DASHBOARD_PORT (8265),
 # RAY_CLIENT_PORT (10001), NODE_IP (127.0.0.2), NODE_CPUS (1 per node),
-# RAY_OBJECT_STORE_BYTES (Ray's default if unset), START_TIMEOUT_S (120 per node).
+# RAY_OBJECT_STORE_BYTES (Ray's default if unset), START_TIMEOUT_S (120 per node),
+# RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S (0: `stop` does not wait for nodes to drain).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "$0")" && pwd)"
