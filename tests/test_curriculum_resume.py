@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,6 @@ from distill_ray.methods import get_recipe
 from distill_ray.methods.recipe import MethodContext, TrainJob, question_prompt
 from distill_ray.store import open_db, write_table
 from distill_ray.tasks.record import Example
-from distill_ray.tracking import free_port
 
 # -- schedule ------------------------------------------------------------------------------
 
@@ -48,36 +46,6 @@ def ray_cluster():
     ray.init(num_cpus=4, include_dashboard=False)
     yield ray
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def mlflow_uri(ray_cluster, tmp_path_factory):
-    # After Ray is up (both starting at once can starve Ray's agents on 2 busy cores);
-    # it migrates its database (~30 s) while the test builds its K table.
-    root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    proc = subprocess.Popen(
-        [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-         "--default-artifact-root", str(root / "artifacts")],
-        stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    yield uri, proc
-    proc.terminate()
-    proc.wait(timeout=30)
-
-
-def _wait_healthy(uri: str, proc, timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, "mlflow server exited"
-        try:
-            if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"mlflow server at {uri} not healthy after {timeout}s")
 
 
 def _bag_of_words(texts: list[str], dim: int = 384) -> np.ndarray:
@@ -168,7 +136,7 @@ def _nll(model_dir: str, pairs: list[tuple[str, str]]) -> float:
 
 
 @pytest.mark.timeout(900)
-def test_three_stage_curriculum_resumes_after_driver_is_killed(tmp_path, ray_cluster, mlflow_uri, capfd):
+def test_three_stage_curriculum_resumes_after_driver_is_killed(tmp_path, ray_cluster, mlflow_server, capfd):
     import dataclasses
 
     import mlflow
@@ -183,8 +151,7 @@ def test_three_stage_curriculum_resumes_after_driver_is_killed(tmp_path, ray_clu
     driver = None
     try:
         job = _job(tmp_path)
-        uri, proc = mlflow_uri
-        _wait_healthy(uri, proc)
+        uri = mlflow_server.uri
         client = mlflow.MlflowClient(uri)
         train_run = client.create_run(client.create_experiment("curriculum-test"), run_name=RUN_NAME).info.run_id
         job = dataclasses.replace(job, mlflow_target=(uri, train_run))
