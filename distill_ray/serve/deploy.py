@@ -51,12 +51,17 @@ def _resolve_model_dir(cfg: Config, model_dir: str) -> str:
     return model_dir  # a hub id, or a path that exists on the cluster's nodes
 
 
+def _serve_client():
+    """The running Serve's client, or None when no controller is up."""
+    try:
+        return serve.context._get_global_client(raise_if_no_controller_running=False)
+    except Exception:  # a stale client from a dead cluster: treat as not running
+        return None
+
+
 def _start_serve(cfg: ServeConfig) -> int:
     """The port Serve's proxy listens on; an already running Serve keeps its own options."""
-    try:
-        client = serve.context._get_global_client(raise_if_no_controller_running=False)
-    except Exception:  # a stale client from a dead cluster: start afresh
-        client = None
+    client = _serve_client()
     if client is not None:
         port = client.http_config.port
         if cfg.port not in (0, port):
@@ -165,10 +170,7 @@ _session_depth = 0
 
 
 def _serve_running() -> bool:
-    try:
-        return serve.context._get_global_client(raise_if_no_controller_running=False) is not None
-    except Exception:  # a stale client from a dead cluster
-        return False
+    return _serve_client() is not None
 
 
 @contextmanager
