@@ -21,7 +21,7 @@ import mlflow
 
 from .config import Config
 from .methods import get_recipe
-from .pipeline import run_pipeline
+from .pipeline import run_pipeline, serve_session
 from .ray_session import ray_session
 from .teacher.endpoint import teacher_endpoint
 from .tracking import tracking_for
@@ -105,8 +105,6 @@ def run_compare(cfg: Config, methods: tuple[str, ...] = DEFAULT_METHODS) -> list
         get_recipe(m)  # unknown names fail before anything starts
     if len(set(methods)) != len(methods) or not methods:
         raise ValueError(f"compare: methods must be distinct and non-empty, got {list(methods)}")
-    from .serve.deploy import serve_session
-
     started = time.monotonic()
     steps = step_budget(cfg)
     print(f"[compare] {', '.join(methods)}: {steps} optimizer steps each", flush=True)

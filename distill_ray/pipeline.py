@@ -57,10 +57,12 @@ def _experiment(client: mlflow.MlflowClient, name: str) -> str:
     return exp.experiment_id if exp else client.create_experiment(name)
 
 
-def _serve_session():
-    from .serve.deploy import serve_session  # Serve's import is heavy; collect and train need none of it
+def serve_session():
+    """`serve.deploy.serve_session`, imported late: Serve's import is heavy and collect and
+    train need none of it."""
+    from .serve.deploy import serve_session as session
 
-    return serve_session()
+    return session()
 
 
 @contextmanager
@@ -73,7 +75,7 @@ def run_context(cfg: Config):
     with ExitStack() as stack:
         stack.enter_context(teacher_endpoint(cfg))  # first: a bad teacher URL fails before Ray starts
         stack.enter_context(ray_session(cfg))
-        stack.enter_context(_serve_session())
+        stack.enter_context(serve_session())
         server = stack.enter_context(tracking_for(cfg))
         client = mlflow.MlflowClient(server.uri)
         experiment_id = _experiment(client, cfg.tracking.experiment)

@@ -25,9 +25,7 @@ class Probe:
 
 
 def find_errors(cfg: Config, model_dir: str, examples: list[Example], recipe: Recipe) -> Probe:
-    from ray import serve
-
-    from ..serve.deploy import deploy_student
+    from ..serve.deploy import deploy_student, remove_student
     from .stage import evaluate_endpoint
 
     if not examples:
@@ -38,7 +36,7 @@ def find_errors(cfg: Config, model_dir: str, examples: list[Example], recipe: Re
     try:
         report = evaluate_endpoint(probe_cfg, examples, recipe, url, model_dir)
     finally:
-        serve.delete(PROBE_APP)
+        remove_student(PROBE_APP)
     by_id = {ex.id: ex for ex in examples}
     errors = [(by_id[p["id"]], p["output"] or "") for p in report.predictions
               if p["status"] == "kept" and not p["correct"]]

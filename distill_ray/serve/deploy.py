@@ -169,10 +169,6 @@ def remove_student(app_name: str = "student") -> None:
 _session_depth = 0
 
 
-def _serve_running() -> bool:
-    return _serve_client() is not None
-
-
 @contextmanager
 def serve_session() -> Iterator[None]:
     """Serve started inside stays up until the outermost session ends, then stops.
@@ -182,11 +178,11 @@ def serve_session() -> Iterator[None]:
     (a shared cluster, a test's) is left as it was.
     """
     global _session_depth
-    was_running = _session_depth > 0 or _serve_running()
+    was_running = _session_depth > 0 or _serve_client() is not None
     _session_depth += 1
     try:
         yield
     finally:
         _session_depth -= 1
-        if not was_running and _serve_running():
+        if not was_running and _serve_client() is not None:
             serve.shutdown()
