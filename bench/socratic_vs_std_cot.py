@@ -9,11 +9,14 @@ base + 2 x adapter; the Std-CoT student is widened (`student.tiny.intermediate_s
 until its parameter count is the nearest to that total, and both counts are printed.
 Per seed (student initialisation and data order; the suite stays the same) one full
 pipeline run per method under `runs/`, tracked in MLflow; then held-out accuracy side by
-side, mean dialogue steps and inference FLOPs per example.
+side, mean dialogue steps and inference FLOPs per example. With `--reuse`, a run that
+already finished (its `summary.json` exists under the storage root) is read back instead
+of run again: a long comparison can be extended one seed at a time.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -56,11 +59,21 @@ def matched_intermediate(cfg: Config, target: int) -> int:
     return best
 
 
+def _finished(cfg: Config) -> dict | None:
+    """The eval metrics of a run that already finished under this config's run dir, if any."""
+    summary = Path(cfg.run_dir) / "summary.json"
+    if not summary.is_file():
+        return None
+    print(f"[bench] {cfg.run_name}: finished before, reading {summary}", flush=True)
+    return json.loads(summary.read_text())["eval"]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", default=None)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--reuse", action="store_true", help="read finished runs' summary.json instead of rerunning them")
     args = parser.parse_args()
     common = [*args.overrides, f"tasks.synthetic.families=[{FAMILY}]", "train.time_budget_s=null"]
     probe = load_config(args.config, common)
@@ -74,7 +87,8 @@ def main() -> int:
         for method, extra in (("std_cot", [f"student.tiny.intermediate_size={wide}"]), ("socratic", [])):
             cfg = load_config(args.config, [*common, *extra, f"method.name={method}", f"run_name=socratic-bench-{method}-s{seed}",
                                             f"seed={seed}", f"train.seed={seed}"])
-            m = run_pipeline(cfg)["eval"].metrics
+            m = _finished(cfg) if args.reuse else None
+            m = m if m is not None else run_pipeline(cfg)["eval"].metrics
             results[method].append({"seed": seed, "accuracy": m["accuracy"], "flops": m["flops_total_mean"],
                                     "steps": m.get("steps_mean", float("nan"))})
     print(f"\n{'seed':<6}{'method':<10}{'accuracy':>10}{'FLOPs/ex':>12}{'dialogue steps':>16}")

@@ -20,6 +20,19 @@ def add_kb_parser(sub, common) -> None:
     common(kp)
     kp.add_argument("--table", default=None, help="KB table name (default: kb_<run_name>)")
     actions = kp.add_subparsers(dest="kb_action", required=True)
+    add = actions.add_parser
+
+    def action(name: str, **kw) -> argparse.ArgumentParser:
+        # `kb stats --set run_name=x` reads as naturally as `kb --set run_name=x stats`:
+        # each action takes the options too, under its own names (merged in `late_options`).
+        p = add(name, **kw)
+        p.add_argument("-c", "--config", dest="late_config", default=None, help=argparse.SUPPRESS)
+        p.add_argument("--set", dest="late_overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override one config value; repeatable (here or before the action)")
+        p.add_argument("--table", dest="late_table", default=None, help=argparse.SUPPRESS)
+        return p
+
+    actions.add_parser = action
     actions.add_parser("stats", help="entries, sources, tasks, version and indices")
     s = actions.add_parser("search", help="retrieve entries for a question, as the served student would")
     s.add_argument("query")
@@ -38,6 +51,13 @@ def add_kb_parser(sub, common) -> None:
     r = actions.add_parser("rm", help="delete entries by id")
     r.add_argument("ids", nargs="+")
     actions.add_parser("reindex", help="rebuild the full-text and vector indices")
+
+
+def late_options(args: argparse.Namespace) -> None:
+    """Fold the options given after the action into those given before it."""
+    args.overrides = [*args.overrides, *getattr(args, "late_overrides", [])]
+    args.config = getattr(args, "late_config", None) or args.config
+    args.table = getattr(args, "late_table", None) or args.table
 
 
 def _kb(args: argparse.Namespace, cfg: Config):
@@ -85,7 +105,7 @@ def run_kb(args: argparse.Namespace, cfg: Config) -> int:
             if report.added:
                 print(f"added {report.added[0]}; {kb.name} is at version {kb.version}")
             else:
-                print(f"merged into near-duplicate {next(iter(report.merged.values()))}; {kb.name} is at version {kb.version}")
+                print(f"merged into near-duplicate {report.merged[0][1]}; {kb.name} is at version {kb.version}")
         elif args.kb_action == "rm":
             version = kb.remove(args.ids)
             print(f"removed {len(set(args.ids))} entries; {kb.name} is at version {version}")

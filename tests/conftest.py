@@ -1,9 +1,17 @@
 """Shared pytest fixtures."""
+import os
 from pathlib import Path
 
 import pytest
 
 from distill_ray.tracking import start_mlflow_server
+
+# Set before any test starts Ray, so every Ray process (and CLI subprocess) inherits them.
+# Ray Train's controller polls its workers every 2 s by default: each of the ~25 short
+# fits in this suite waits out several polls between states. On one box nothing is
+# preempted, so its watcher actor (one more process per fit) has nothing to watch.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 @pytest.fixture(scope="session")

@@ -61,6 +61,26 @@ def test_near_duplicates_merge_and_every_change_is_a_version(tmp_path):
     plim = next(r for r in kb.rows() if "plim" in r["text"])
     assert plim["sources"] == ["e0", "e9"]
     assert kb.version > v0
+    # Identical analyses of three errors: one entry, the other two merged into it, all three sources kept.
+    same = "Supplementary Knowledge: 1. 1 zorb = 4 quibs"
+    report = kb.add([Entry(same, "synthetic/unit_conversion", sources=(f"z{i}",), origin="teacher") for i in range(3)])
+    assert len(report.added) == 1 and [t for _, t in report.merged] == [report.added[0]] * 2
+    assert next(r for r in kb.rows() if r["id"] == report.added[0])["sources"] == ["z0", "z1", "z2"]
+    kb.remove(report.added)
+    # A shared learning summary makes two analyses embed almost alike; the units they define
+    # differ, so merging would lose one: both stay.
+    summary = ("Learning Summary: 1. recall how many base units one of each unit is worth 2. multiply each count "
+               "by the size of its unit in base units 3. a count already in the base unit stays as it is 4. add "
+               "the converted amounts to get the total Supplementary Knowledge: 1. 1 zorp = 4 blips 2. ")
+    facts = ("1 quib = 6 blips 3. 5 * 4 = 20 4. 3 * 6 = 18 5. 20 + 18 = 38",
+             "1 trell = 8 blips 3. 5 * 4 = 20 4. 3 * 8 = 24 5. 20 + 24 = 44")
+    pair = [Entry(summary + fact, "synthetic/unit_conversion", sources=(f"u{i}",), origin="teacher")
+            for i, fact in enumerate(facts)]
+    a, b = kb._embed([e.text for e in pair])
+    assert float(a @ b) >= kb.dedup_threshold
+    report = kb.add(pair)
+    assert len(report.added) == 2 and report.merged == []
+    kb.remove(report.added)
     # Another task is never merged into, however similar.
     report = kb.add([Entry(PLIM, "synthetic/chain", origin="user")])
     assert len(report.added) == 1
@@ -160,6 +180,11 @@ def test_kb_command_line(tmp_path, capsys):
     assert json.loads(kb("stats")[1])["entries"] == 1
     code, _, err = kb("show", entry_id)
     assert code == 2 and "no entry" in err
+    # Options may also follow the action, as the README writes them.
+    assert main(["kb", "stats", "-c", "ray_config.yaml", "--set", f"storage.root={tmp_path}", "--set", "run_name=cli"]) == 0
+    assert json.loads(capsys.readouterr().out)["entries"] == 1
+    assert main(["kb", "--set", f"storage.root={tmp_path}", "stats", "--set", "run_name=other"]) == 2
+    assert "kb_other" in capsys.readouterr().err
 
 
 # --- the teacher's error analysis ---------------------------------------------------------

@@ -11,11 +11,15 @@ the very next query.
 Every change is one LanceDB commit, hence one table version: runs record the version
 they used, and `at_version` reads the KB as it was. Near-duplicates are merged on the
 way in: an entry whose embedding is within `dedup_threshold` (cosine) of one already
-there, same task, adds its sources to that entry instead of becoming a second row.
+there, same task, and that states nothing the other does not (`knowledge_items`), adds
+its sources to that entry instead of becoming a second row. The second condition is
+what keeps facts: analyses that share a long learning summary embed almost alike even
+when their supplementary knowledge defines different units.
 """
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Iterable, Sequence
@@ -34,6 +38,17 @@ ENTRY_FIELDS = ("id", "task", "text", "summary", "supplementary", "sources", "or
 VECTOR_INDEX_MIN_ROWS = 256
 
 
+# A section heading or a list number ("2. ") starts a new item of an entry's text.
+_ITEM_BREAK = re.compile(r"(?:learning summary|supplementary knowledge)\s*:|(?:^|\s)\d+\.\s", re.IGNORECASE)
+
+
+def knowledge_items(text: str, summary: Sequence[str] = (), supplementary: Sequence[str] = ()) -> frozenset[str]:
+    """What an entry states, item by item, case and spacing aside: its summary and
+    supplementary items, or for a free-text entry its text cut at headings and list numbers."""
+    items = [*summary, *supplementary] or _ITEM_BREAK.split(" ".join(text.split()))
+    return frozenset(norm for norm in (" ".join(item.lower().split()) for item in items) if norm)
+
+
 def kb_schema(dim: int = EMBED_DIM) -> pa.Schema:
     return pa.schema([
         pa.field("id", pa.string(), nullable=False),
@@ -46,6 +61,33 @@ def kb_schema(dim: int = EMBED_DIM) -> pa.Schema:
         pa.field("created_at", pa.float64()),  # unix seconds
         pa.field("vector", pa.list_(pa.float32(), dim)),
     ])
+
+
+class _DedupPool:
+    """The entries an incoming one may be merged into: same task, cosine >= threshold, and
+    stating nothing new (its items a subset of the other's). Vectors sit in one matrix, so
+    checking an entry against thousands is one matrix-vector product."""
+
+    def __init__(self, capacity: int, dim: int, threshold: float) -> None:
+        self.vectors = np.zeros((capacity, dim), dtype=np.float32)
+        self.ids: list[str] = []
+        self.tasks: list[str] = []
+        self.items: list[frozenset[str]] = []
+        self.threshold = threshold
+
+    def put(self, id_: str, task: str, vector: np.ndarray, items: frozenset[str]) -> None:
+        self.vectors[len(self.ids)] = vector
+        self.ids.append(id_)
+        self.tasks.append(task)
+        self.items.append(items)
+
+    def duplicate_of(self, task: str, vector: np.ndarray, items: frozenset[str]) -> str | None:
+        sims = self.vectors[: len(self.ids)] @ vector
+        near = np.flatnonzero(sims >= self.threshold)
+        for i in near[np.argsort(-sims[near])]:
+            if self.tasks[i] == task and items <= self.items[i]:
+                return self.ids[i]
+        return None
 
 
 class KBError(ValueError):
@@ -108,7 +150,9 @@ def new_id(origin: str) -> str:
 @dataclass
 class AddReport:
     added: list[str] = field(default_factory=list)  # ids of new rows
-    merged: dict[str, str] = field(default_factory=dict)  # incoming text's id -> id it was merged into
+    # (incoming entry's id or text, id it was merged into), one per incoming entry: two
+    # identical texts are two merges
+    merged: list[tuple[str, str]] = field(default_factory=list)
     version: int | None = None
 
 
@@ -190,31 +234,25 @@ class KnowledgeBase:
         clash = [e.id for e in entries if e.id and e.id in taken]
         if clash:
             raise KBError(f"entry id {clash[0]!r} is already in knowledge base {self.name!r} (remove it first)")
-        pool = [(r["id"], r["task"], np.asarray(r["vector"], dtype=np.float32)) for r in existing]
+        pool = _DedupPool(len(existing) + len(entries), vectors.shape[1], self.dedup_threshold)
+        for r in existing:
+            pool.put(r["id"], r["task"], np.asarray(r["vector"], dtype=np.float32),
+                     knowledge_items(r["text"], r["summary"] or (), r["supplementary"] or ()))
         new_rows: list[dict] = []
         merge_into: dict[str, list[str]] = {}  # existing or new id -> sources to add
         for entry, vec in zip(entries, vectors):
-            target = self._near_duplicate(entry, vec, pool) if dedup else None
+            items = knowledge_items(entry.text, entry.summary, entry.supplementary)
+            target = pool.duplicate_of(entry.task, vec, items) if dedup else None
             if target is not None:
                 merge_into.setdefault(target, []).extend(entry.sources)
-                report.merged[entry.id or entry.text[:40]] = target
+                report.merged.append((entry.id or entry.text[:40], target))
                 continue
             row = entry.as_row(vec.tolist())
             new_rows.append(row)
-            pool.append((row["id"], row["task"], vec))
+            pool.put(row["id"], row["task"], vec, items)
             report.added.append(row["id"])
         report.version = self._commit(existing, new_rows, merge_into)
         return report
-
-    def _near_duplicate(self, entry: Entry, vec: np.ndarray, pool: list) -> str | None:
-        best, best_id = -1.0, None
-        for pid, task, pvec in pool:
-            if task != entry.task:
-                continue
-            sim = float(vec @ pvec)
-            if sim > best:
-                best, best_id = sim, pid
-        return best_id if best >= self.dedup_threshold else None
 
     def _commit(self, existing: list[dict], new_rows: list[dict], merge_into: dict[str, list[str]]) -> int:
         by_id = {r["id"]: r for r in existing}
