@@ -152,30 +152,20 @@ class StudentServer(StudentReplica):
 StudentModel = serve.deployment(StudentReplica)
 
 
-def deployment_options(cfg: ServeConfig, *, num_cpus: float, num_gpus: float = 0.0,
-                       callers_in_flight: int | None = None) -> dict:
-    """The options every deployment of an app shares; callers add `num_replicas` where it scales.
-
-    `callers_in_flight`, for a deployment that another one calls through its handle: what
-    the caller may have in flight at once. The replica then takes twice that, so it is
-    never full while its caller is under its own limit: a full replica makes the caller's
-    router poll its queue length before each request, and a replica busy decoding answers
-    those polls late (seen: dialogues trickling through one call at a time).
-    """
-    # Enough requests in flight per replica to fill a batch while the previous one decodes.
-    ongoing = max(16, 2 * cfg.max_batch_size, 2 * (callers_in_flight or 0))
+def deployment_options(cfg: ServeConfig, *, num_cpus: float, num_gpus: float = 0.0) -> dict:
+    """The options every deployment of an app shares; callers add `num_replicas` where it scales."""
     return dict(
         ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
-        max_ongoing_requests=ongoing,
+        # Enough requests in flight per replica to fill a batch while the previous one decodes.
+        max_ongoing_requests=max(16, 2 * cfg.max_batch_size),
         # One access-log line per request drowns a run's progress output; errors still log.
         logging_config={"enable_access_log": False, "log_level": "WARNING"},
         max_constructor_retry_count=cfg.start_attempts,
     )
 
 
-def build_app(cfg: ServeConfig, model_dir: str, *, ingress: bool = True,
-              callers_in_flight: int | None = None) -> Application:
+def build_app(cfg: ServeConfig, model_dir: str, *, ingress: bool = True) -> Application:
     deployment = StudentServer if ingress else StudentModel
-    options = deployment_options(cfg, num_cpus=cfg.replica_cpus, num_gpus=cfg.replica_gpus,
-                                 callers_in_flight=callers_in_flight)
-    return deployment.options(num_replicas=cfg.num_replicas, **options).bind(model_dir, cfg.model_dump())
+    return deployment.options(
+        num_replicas=cfg.num_replicas, **deployment_options(cfg, num_cpus=cfg.replica_cpus, num_gpus=cfg.replica_gpus),
+    ).bind(model_dir, cfg.model_dump())

@@ -191,7 +191,7 @@ class KnowledgeFront:
 
 
 def build_front_app(cfg: Config, model_dir: str, settings: FrontSettings) -> Application:
-    front = deployment_options(cfg.serve, num_cpus=0.25)
-    # The front has one student call in flight per request (the gate's two run in turn).
-    student = build_app(cfg.serve, model_dir, ingress=False, callers_in_flight=front["max_ongoing_requests"])
-    return KnowledgeFront.options(num_replicas=cfg.serve.num_replicas, **front).bind(student, asdict(settings), cfg.serve.model_dump())
+    student = build_app(cfg.serve, model_dir, ingress=False)
+    return KnowledgeFront.options(
+        num_replicas=cfg.serve.num_replicas, **deployment_options(cfg.serve, num_cpus=0.25),
+    ).bind(student, asdict(settings), cfg.serve.model_dump())

@@ -168,10 +168,10 @@ class AdapterHttpServer(AdapterReplica):
         return build_adapter_api(self.api, self.stats)
 
 
-def adapter_deployment(cfg: ServeConfig, *, http: bool = False, callers_in_flight: int | None = None):
-    options = deployment_options(cfg, num_cpus=cfg.replica_cpus, num_gpus=cfg.replica_gpus,
-                                 callers_in_flight=callers_in_flight)
-    return (AdapterHttpServer if http else AdapterServer).options(num_replicas=cfg.num_replicas, **options)
+def adapter_deployment(cfg: ServeConfig, *, http: bool = False):
+    return (AdapterHttpServer if http else AdapterServer).options(
+        num_replicas=cfg.num_replicas, **deployment_options(cfg, num_cpus=cfg.replica_cpus, num_gpus=cfg.replica_gpus),
+    )
 
 
 def build_adapter_app(cfg: ServeConfig, model_dir: str) -> Application:

@@ -252,8 +252,6 @@ def build_socratic_app(cfg: Config, model_dir: str) -> Application:
         raise ValueError(f"serve.model_name {cfg.serve.model_name!r} would hide the adapter of that name")
     s = cfg.method.socratic
     settings = DialogueSettings(cfg.serve.model_name, s.max_steps, s.step_max_tokens)
+    pair = adapter_deployment(cfg.serve).bind(model_dir, cfg.serve.model_dump())
     # The dialogue waits on the adapter replica; it needs almost no CPU of its own.
-    front = deployment_options(cfg.serve, num_cpus=0.1)
-    # Each dialogue has one call in flight at a time.
-    pair = adapter_deployment(cfg.serve, callers_in_flight=front["max_ongoing_requests"]).bind(model_dir, cfg.serve.model_dump())
-    return SocraticServer.options(**front).bind(pair, asdict(settings))
+    return SocraticServer.options(**deployment_options(cfg.serve, num_cpus=0.1)).bind(pair, asdict(settings))
