@@ -112,6 +112,9 @@ TINY = [
     "--set", "tasks.synthetic.train_size=240", "--set", "tasks.synthetic.test_size=30",
     "--set", "train.max_steps=12", "--set", "train.checkpoint_every=6", "--set", "train.batch_size=16",
     "--set", "eval.max_new_tokens=40", "--set", "run_name=cmp",
+    # The recipes are under test here, not distribution (test_train, test_multinode): one
+    # worker per fit spares five worker start-ups.
+    "--set", "train.num_workers=1",
 ]
 
 
