@@ -20,37 +20,35 @@ def add_kb_parser(sub, common) -> None:
     common(kp)
     kp.add_argument("--table", default=None, help="KB table name (default: kb_<run_name>)")
     actions = kp.add_subparsers(dest="kb_action", required=True)
-    add = actions.add_parser
 
     def action(name: str, **kw) -> argparse.ArgumentParser:
         # `kb stats --set run_name=x` reads as naturally as `kb --set run_name=x stats`:
         # each action takes the options too, under its own names (merged in `late_options`).
-        p = add(name, **kw)
+        p = actions.add_parser(name, **kw)
         p.add_argument("-c", "--config", dest="late_config", default=None, help=argparse.SUPPRESS)
         p.add_argument("--set", dest="late_overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override one config value; repeatable (here or before the action)")
         p.add_argument("--table", dest="late_table", default=None, help=argparse.SUPPRESS)
         return p
 
-    actions.add_parser = action
-    actions.add_parser("stats", help="entries, sources, tasks, version and indices")
-    s = actions.add_parser("search", help="retrieve entries for a question, as the served student would")
+    action("stats", help="entries, sources, tasks, version and indices")
+    s = action("search", help="retrieve entries for a question, as the served student would")
     s.add_argument("query")
     s.add_argument("--mode", choices=("bm25", "dense", "hybrid"), default=None, help="default: method.nesycd.retrieval")
     s.add_argument("-k", type=int, default=None, help="entries to show (default: method.nesycd.top_k)")
     s.add_argument("--task-description", default="", help="prefixed to the query, as the endpoint does")
-    show = actions.add_parser("show", help="one entry in full")
+    show = action("show", help="one entry in full")
     show.add_argument("id")
-    e = actions.add_parser("export", help="every entry as JSON lines")
+    e = action("export", help="every entry as JSON lines")
     e.add_argument("path", help="output file ('-' for stdout)")
-    i = actions.add_parser("import", help="add entries from JSON lines (each line checked first; a bad file changes nothing)")
+    i = action("import", help="add entries from JSON lines (each line checked first; a bad file changes nothing)")
     i.add_argument("path")
-    a = actions.add_parser("add", help="add one entry written by hand")
+    a = action("add", help="add one entry written by hand")
     a.add_argument("text", help="the entry as the student should read it")
     a.add_argument("--task", default="", help="task the entry belongs to (e.g. synthetic/unit_conversion)")
-    r = actions.add_parser("rm", help="delete entries by id")
+    r = action("rm", help="delete entries by id")
     r.add_argument("ids", nargs="+")
-    actions.add_parser("reindex", help="rebuild the full-text and vector indices")
+    action("reindex", help="rebuild the full-text and vector indices")
 
 
 def late_options(args: argparse.Namespace) -> None:
