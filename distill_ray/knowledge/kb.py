@@ -19,7 +19,6 @@ when their supplementary knowledge defines different units.
 from __future__ import annotations
 
 import json
-import re
 import time
 import uuid
 from collections.abc import Iterable, Sequence
@@ -30,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from distill_ray.knowledge.embed import EMBED_DIM, embed_texts
+from distill_ray.teacher.knowledge_plan import KnowledgeFormatError, parse_knowledge
 
 ORIGINS = ("teacher", "user")
 ENTRY_FIELDS = ("id", "task", "text", "summary", "supplementary", "sources", "origin", "created_at")
@@ -38,14 +38,17 @@ ENTRY_FIELDS = ("id", "task", "text", "summary", "supplementary", "sources", "or
 VECTOR_INDEX_MIN_ROWS = 256
 
 
-# A section heading or a list number ("2. ") starts a new item of an entry's text.
-_ITEM_BREAK = re.compile(r"(?:learning summary|supplementary knowledge)\s*:|(?:^|\s)\d+\.\s", re.IGNORECASE)
-
-
 def knowledge_items(text: str, summary: Sequence[str] = (), supplementary: Sequence[str] = ()) -> frozenset[str]:
     """What an entry states, item by item, case and spacing aside: its summary and
-    supplementary items, or for a free-text entry its text cut at headings and list numbers."""
-    items = [*summary, *supplementary] or _ITEM_BREAK.split(" ".join(text.split()))
+    supplementary items; for an entry without them, its text read as teacher K, or else
+    the whole text as one item."""
+    items = [*summary, *supplementary]
+    if not items:
+        try:
+            k = parse_knowledge(text)
+            items = [*k.summary, *k.supplementary]
+        except KnowledgeFormatError:
+            items = [text]
     return frozenset(norm for norm in (" ".join(item.lower().split()) for item in items) if norm)
 
 
