@@ -201,6 +201,8 @@ def test_the_oracle_analyses_an_error_from_the_prompt_alone():
     assert kind == "error_analysis"
     k = parse_knowledge(text)
     assert any(" = " in item for item in k.supplementary)
+    # The unit's definition, not this question's products: the entry is retrieved for others.
+    assert set(k.supplementary) == set(ex.knowledge)
     ok, reason, payload = plan.check(ex.to_row(), text)
     assert ok and json.loads(payload["supplementary"]) == list(k.supplementary)
     assert plan.check(ex.to_row(), "Learning Summary: 1. think")[:2] == (False, "malformed_knowledge: no 'Supplementary Knowledge:' section")

@@ -58,7 +58,7 @@ def build_error_plan(cfg: Config, errors: Sequence[tuple[Example, str]]) -> Erro
     return ErrorAnalysisPlan(
         model=t.model, temperatures=tuple(float(x) for x in temperatures), max_tries=t.max_tries,
         max_tokens=t.max_tokens, responses={ex.id: response for ex, response in errors},
-        shots=default_knowledge_shots([ex for ex, _ in errors], t.few_shot),
+        shots=default_knowledge_shots([ex for ex, _ in errors], t.few_shot, analysis=True),
     )
 
 

@@ -12,6 +12,7 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 from distill_ray.client.requests import LLMRequest
 from distill_ray.tasks.answers import cut_at_next_question
@@ -164,20 +165,24 @@ class KnowledgePlan:
         return check_knowledge_reply(response_text)
 
 
-def synthetic_knowledge_exemplars(k: int, family: str | None = None) -> list[KnowledgeExemplar]:
-    """k fixed synthetic demonstrations with the knowledge the oracle writes for them."""
+def synthetic_knowledge_exemplars(k: int, family: str | None = None, *,
+                                  analysis: bool = False) -> list[KnowledgeExemplar]:
+    """k fixed synthetic demonstrations with the knowledge the oracle writes for them
+    (`analysis`: as it writes it in an error analysis)."""
     from distill_ray.tasks.synthetic import demonstrations
-    from distill_ray.teacher.oracle_answers import synthetic_knowledge
+    from distill_ray.teacher.oracle_answers import analysis_knowledge, synthetic_knowledge
 
+    knowledge_of = analysis_knowledge if analysis else synthetic_knowledge
     out = []
     for ex in demonstrations(k, family):
-        summary, supplementary = synthetic_knowledge(ex.question)
+        summary, supplementary = knowledge_of(ex.question)
         out.append((ex.question, ex.answer, render_knowledge(summary, supplementary)))
     return out
 
 
-def default_knowledge_shots(examples: Sequence[Example], k: int) -> dict[str, KnowledgeShots]:
-    made = per_synthetic_task(examples, k, synthetic_knowledge_exemplars)
+def default_knowledge_shots(examples: Sequence[Example], k: int, *,
+                            analysis: bool = False) -> dict[str, KnowledgeShots]:
+    made = per_synthetic_task(examples, k, partial(synthetic_knowledge_exemplars, analysis=analysis))
     return {task: KnowledgeShots(tuple(triples)) for task, triples in made.items()}
 
 

@@ -73,29 +73,57 @@ def answer_cot(user_text: str) -> str:
     return solution.rationale if solution is not None else NON_ANSWER
 
 
-def synthetic_knowledge(question: str) -> tuple[list[str], list[str]] | None:
-    """(learning summary, supplementary knowledge) for a suite question; None if it is not one.
-
-    Supplementary: the question's facts (unit definitions, products, what each chain
-    step means), never the whole worked solution.
-    """
-    solution = solve(question)
-    if solution is None:
-        return None
+def _facts(question: str, solution) -> list[str]:
+    """The facts, definitions and rules a question relies on: the suite's own `knowledge`
+    (unit definitions, the products mul_sub and chain need) and what each chain step means."""
     facts: list[str] = []
     if solution.family == "chain":
         for regex, rule in _CHAIN_RULES:
             facts.extend(rule.format(*m.groups(), *m.groups()) for m in regex.finditer(question))
     facts.extend(solution.knowledge)
+    return facts
+
+
+def synthetic_knowledge(question: str) -> tuple[list[str], list[str]] | None:
+    """(learning summary, supplementary knowledge) for a suite question; None if it is not one.
+
+    Supplementary: the question's facts plus every product its steps compute (SKIntern's
+    and KARD's K), never the whole worked solution.
+    """
+    solution = solve(question)
+    if solution is None:
+        return None
+    facts = _facts(question, solution)
     for step in solution.decomposition:
         facts.extend(part for part in step.answer.split(" . ") if " * " in part)
     return list(_FAMILY_SUMMARIES[solution.family]), list(dict.fromkeys(facts))
 
 
-def answer_knowledge(user_text: str) -> str:
+def analysis_knowledge(question: str) -> tuple[list[str], list[str]] | None:
+    """What an error analysis supplies: the question's facts alone, none of its working.
+
+    The analysis prompt asks for the facts, definitions and rules the student was missing
+    and says not to solve the question. The entries are retrieved for other questions,
+    where this question's products (a unit question's "9 * 7 = 63") are wrong numbers to copy.
+    """
+    solution = solve(question)
+    if solution is None:
+        return None
+    return list(_FAMILY_SUMMARIES[solution.family]), list(dict.fromkeys(_facts(question, solution)))
+
+
+def _knowledge_reply(user_text: str, knowledge_of: Callable[[str], tuple[list[str], list[str]] | None]) -> str:
     question = last_question(user_text)
-    knowledge = synthetic_knowledge(question) if question else None
+    knowledge = knowledge_of(question) if question else None
     return render_knowledge(*knowledge) if knowledge is not None else NON_ANSWER
+
+
+def answer_knowledge(user_text: str) -> str:
+    return _knowledge_reply(user_text, synthetic_knowledge)
+
+
+def answer_error_analysis(user_text: str) -> str:
+    return _knowledge_reply(user_text, analysis_knowledge)
 
 
 def corrupt_cot(reply: str, rng: random.Random) -> str:
@@ -131,8 +159,8 @@ PROMPT_KINDS: tuple[PromptKind, ...] = (
     PromptKind("cot", COT_SYSTEM[:40], answer_cot, corrupt_cot),
     PromptKind("knowledge", KNOWLEDGE_SYSTEM[:40], answer_knowledge, corrupt_knowledge),
     # An error analysis names what the question needs; the wrong response changes nothing
-    # about which facts those are, so the oracle answers it as a knowledge prompt.
-    PromptKind("error_analysis", ERROR_SYSTEM[:40], answer_knowledge, corrupt_knowledge),
+    # about which facts those are.
+    PromptKind("error_analysis", ERROR_SYSTEM[:40], answer_error_analysis, corrupt_knowledge),
     PromptKind("decomposition", DECOMPOSE_SYSTEM[:40], answer_decomposition, corrupt_decomposition),
 )
 DEFAULT_KIND = PROMPT_KINDS[0]
