@@ -133,6 +133,37 @@ def test_each_retrieval_mode_finds_the_entry_about_the_question(tmp_path, mode):
     assert PLIM not in [h.text for h in excluded]
 
 
+def test_a_training_question_skips_only_entries_about_its_own_error_alone(tmp_path):
+    kb = make_kb(tmp_path)
+    q = unit_question("plim", 3, 5)
+    # e9's analysis states the same fact: the entry stays in the KB without e0's error.
+    assert len(kb.add([Entry(PLIM, "synthetic/unit_conversion", sources=("e9",), origin="teacher")]).merged) == 1
+    assert search(kb, [q], mode="hybrid", k=1, exclude_sources=[{"e0"}])[0][0].text == PLIM
+    assert PLIM not in [h.text for h in search(kb, [q], mode="hybrid", k=3, exclude_sources=[{"e0", "e9"}])[0]]
+    # An entry people wrote has no source error and is never excluded.
+    kb.add([Entry("Supplementary Knowledge: 1. 1 plim = 9 blips , always", "synthetic/unit_conversion", origin="user")])
+    texts = [h.text for h in search(kb, [q], mode="bm25", k=4, exclude_sources=[{"e0", "e9"}])[0]]
+    assert "Supplementary Knowledge: 1. 1 plim = 9 blips , always" in texts
+
+
+def test_one_question_searches_without_writing_to_the_embedding_cache(tmp_path):
+    """A served request embeds its one query in memory: a cache miss would commit a table
+    version per request (954 versions in one evaluation of 600 questions, ever slower)."""
+    from distill_ray.knowledge.embed_cache import as_cache
+    from distill_ray.store import open_db
+
+    kb = make_kb(tmp_path)
+    cache = as_cache(kb.uri, kb.model)
+    table = open_db(kb.uri).open_table(cache.table)
+    before = table.version
+    search(kb, [unit_question("plim", 3, 5)], mode="dense", k=1)
+    table.checkout_latest()
+    assert table.version == before
+    search(kb, [unit_question("plim", 3, 5)], mode="dense", k=1, cache_queries=True)  # bulk: cached
+    table.checkout_latest()
+    assert table.version == before + 1
+
+
 def test_hybrid_fuses_by_reciprocal_rank(tmp_path):
     kb = make_kb(tmp_path)
     q = unit_question("plim", 3, 5)

@@ -223,8 +223,9 @@ class KnowledgeBase:
                 "indices": sorted(i.index_type for i in t.list_indices())}
 
     # -- writing -------------------------------------------------------------------------
-    def _embed(self, texts: Sequence[str]) -> np.ndarray:
-        return _unit(embed_texts(list(texts), self.model, batch_size=self.batch_size, cache=self.uri))
+    def _embed(self, texts: Sequence[str], *, cached: bool = True) -> np.ndarray:
+        cache = self.uri if cached else None
+        return _unit(embed_texts(list(texts), self.model, batch_size=self.batch_size, cache=cache))
 
     def add(self, entries: Sequence[Entry], *, dedup: bool = True) -> AddReport:
         """Add entries in one commit, merging near-duplicates (of the KB and of each other)."""

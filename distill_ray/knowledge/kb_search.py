@@ -57,12 +57,16 @@ def _dense(table, vector: np.ndarray, k: int) -> list[dict]:
 
 def search(kb: KnowledgeBase, questions: list[str], *, mode: Mode = "hybrid", k: int = 3,
            task_descriptions: list[str] | None = None, vectors: np.ndarray | None = None,
-           exclude_sources: list[set[str]] | None = None) -> list[list[Hit]]:
+           exclude_sources: list[set[str]] | None = None, cache_queries: bool = False) -> list[list[Hit]]:
     """The top-k entries for each question, best first.
 
-    `vectors` are the queries' embeddings when the caller has them (else computed here);
-    `exclude_sources[i]` drops entries written about any of those example ids (a training
-    question must not retrieve the analysis of its own error).
+    `vectors` are the queries' embeddings when the caller has them (else computed here,
+    through the LanceDB embedding cache only with `cache_queries`: worth it for a bulk
+    search a rerun repeats, not for one question, where a cache lookup scans the table
+    and a miss writes a table version: one per served request);
+    `exclude_sources[i]` drops the entries written about those example ids alone: a
+    training question must not retrieve the analysis of its own error, but an entry that
+    other errors' analyses also state (merged near-duplicates) is in the KB without it.
     """
     if mode not in MODES:
         raise KBError(f"retrieval mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -73,7 +77,7 @@ def search(kb: KnowledgeBase, questions: list[str], *, mode: Mode = "hybrid", k:
     if not queries:
         return []
     if vectors is None:
-        vectors = kb._embed(queries)
+        vectors = kb._embed(queries, cached=cache_queries)
     table = kb.table()
     excluded = exclude_sources or [set() for _ in queries]
     # Over-fetch by what may be excluded, then cut back to k.
@@ -89,11 +93,16 @@ def search(kb: KnowledgeBase, questions: list[str], *, mode: Mode = "hybrid", k:
     return out
 
 
+def _only_from(sources, skip: set[str]) -> bool:
+    """Whether an entry was written about the `skip` examples and nothing else."""
+    return bool(skip) and bool(sources) and set(sources) <= skip
+
+
 def _fuse(lists: list[list[dict]], mode: str, query_vec: np.ndarray, skip: set[str]) -> list[Hit]:
     rows: dict[str, dict] = {}
     scores: dict[str, float] = {}
     for ranked in lists:
-        ranked = [r for r in ranked if not (set(r.get("sources") or ()) & skip)]
+        ranked = [r for r in ranked if not _only_from(r.get("sources"), skip)]
         for rank, r in enumerate(ranked, start=1):
             rows.setdefault(r["id"], r)
             if mode == "hybrid":

@@ -65,7 +65,7 @@ def kb_rows(examples: list[Example], ctx: MethodContext) -> list[TrainRow]:
         return std_cot.train_rows(examples, ctx)
     n = ctx.cfg.method.nesycd
     hits = search(kb, [ex.question for ex in chosen], mode=n.retrieval, k=n.top_k,
-                  exclude_sources=[{ex.id} for ex in chosen])
+                  exclude_sources=[{ex.id} for ex in chosen], cache_queries=True)
     rows = []
     for ex, found in zip(chosen, hits):
         entries = [h.text for h in found if h.similarity >= n.min_similarity][: n.use]
