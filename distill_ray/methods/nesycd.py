@@ -9,7 +9,8 @@ The recipe's training schedule (METHODS.md), each step a shared stage:
    near-duplicates merged, full-text and vector indexed, versioned;
 5. fine-tuning goes on from the general student's checkpoint on KB-augmented rows:
    question + the best retrieved entry (if one clears `min_similarity`; a training
-   question never retrieves the analysis of its own error) -> teacher rationale + answer.
+   question never retrieves an entry written about its own error alone) -> teacher
+   rationale + answer.
 
 At inference the student sits behind `serve/kb_front.py`, which retrieves before it
 answers, so edits to the KB act at once, with no retraining.
