@@ -6,7 +6,9 @@ For each seed, `distill-ray compare --methods std_cot,nesycd` (the seed changes 
 student's initialisation and data order; the synthetic suite stays the same). Then
 held-out accuracy on the unit_conversion family, split into questions that use one of the
 rare units (seen in only a few training items) and the rest, side by side per seed and
-as a mean. Predictions are read from each run's `predictions.jsonl`.
+as a mean. Predictions are read from each run's `predictions.jsonl`. With `--reuse`, a
+method whose run already finished (its `summary.json` exists under the storage root) is
+read back instead of trained again, so one side can be rerun after a change to the other.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from distill_ray.compare import run_compare  # noqa: E402
 from distill_ray.config import load_config  # noqa: E402
-from distill_ray.tasks.synthetic_units import RARE_UNITS, unit_parse, units_in  # noqa: E402
+from distill_ray.tasks.synthetic_units import is_rare, unit_parse, units_in  # noqa: E402
 
 METHODS = ("std_cot", "nesycd")
 UNIT_TASK = "synthetic/unit_conversion"
@@ -29,7 +31,7 @@ UNIT_TASK = "synthetic/unit_conversion"
 def slices(pred_file: Path) -> dict[str, float]:
     rows = [json.loads(line) for line in pred_file.read_text().splitlines()]
     units = [r for r in rows if r["task"] == UNIT_TASK]
-    rare = [r for r in units if set(units_in(unit_parse(r["question"]))) & set(RARE_UNITS)]
+    rare = [r for r in units if any(is_rare(u) for u in units_in(unit_parse(r["question"])))]
     common = [r for r in units if r not in rare]
     acc = lambda rs: sum(r["correct"] for r in rs) / len(rs) if rs else float("nan")  # noqa: E731
     return {"rare": acc(rare), "common": acc(common), "unit_all": acc(units), "overall": acc(rows),
@@ -41,14 +43,18 @@ def main() -> int:
     parser.add_argument("-c", "--config", default=None)
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--reuse", action="store_true", help="read finished runs back instead of rerunning them")
     args = parser.parse_args()
     results: dict[str, list[dict]] = {m: [] for m in METHODS}
     for seed in [int(s) for s in args.seeds.split(",")]:
         run = f"nesycd-bench-s{seed}"
         cfg = load_config(args.config, [*args.overrides, f"run_name={run}", f"seed={seed}", f"train.seed={seed}"])
-        run_compare(cfg, METHODS)
+        root = Path(cfg.storage.root)
+        todo = tuple(m for m in METHODS if not (args.reuse and (root / f"{run}-{m}" / "summary.json").exists()))
+        if todo:
+            run_compare(cfg, todo)
         for m in METHODS:
-            results[m].append({"seed": seed, **slices(Path(cfg.storage.root) / f"{run}-{m}" / "predictions.jsonl")})
+            results[m].append({"seed": seed, **slices(root / f"{run}-{m}" / "predictions.jsonl")})
     print(f"\n{'seed':<6}{'method':<10}{'rare units':>12}{'common units':>14}{'unit family':>13}{'overall':>10}")
     for m in METHODS:
         for r in results[m]:

@@ -35,6 +35,7 @@ class SyntheticTask(Section):
     train_size: int = Field(8000, ge=1)
     test_size: int = Field(600, ge=1)
     families: list[str] | None = None
+    long_tail: int = Field(0, ge=0)  # extra rare made-up units in unit_conversion (tasks/synthetic_units.py)
     seed: int = 0
 
 

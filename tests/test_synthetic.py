@@ -7,7 +7,7 @@ import pytest
 from distill_ray.tasks.answers import ANSWER_TRIGGER, extract_answer
 from distill_ray.tasks.record import Example
 from distill_ray.tasks.synthetic import FAMILIES, RARE_UNITS, demonstrations, generate, solve
-from distill_ray.tasks.synthetic_units import RARE_TRAIN_ITEMS, UNITS
+from distill_ray.tasks.synthetic_units import RARE_TRAIN_ITEMS, TAIL_UNITS, UNIT_TABLE, UNITS, is_rare
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +102,26 @@ def test_rare_units_are_rare_in_train_and_present_in_test(suite):
     assert min(common) > 5 * RARE_TRAIN_ITEMS
     # Zipf-like: the most common unit is several times the least common of the common ones.
     assert max(common) > 3 * min(common)
+
+
+def test_a_long_tail_adds_rare_units_the_oracle_knows(suite):
+    train, test = generate(3000, 600, seed=0, families=["unit_conversion"], long_tail=30)
+    tail = {u.name for u in TAIL_UNITS[:30]}
+    assert not tail & {u.name for u in UNIT_TABLE} and all(re.fullmatch(r"[a-z]{4}", u) for u in tail)
+    train_units = Counter(u for e in train for u in e.meta["units"])
+    assert all(train_units[u] == RARE_TRAIN_ITEMS for u in (*tail, *RARE_UNITS))
+    assert not {u for e in train + test for u in e.meta["units"]} - tail - {u.name for u in UNIT_TABLE}
+    # Test draws every unit alike, so most test questions now need a rare fact.
+    assert sum(e.meta["rare"] for e in test) > 0.6 * len(test)
+    assert all(e.meta["rare"] == any(is_rare(u) for u in e.meta["units"]) for e in test)
+    for ex in train[:50] + test[:50]:
+        assert solve(ex.question).answer == ex.answer
+    # Without a tail the unit questions are the default suite's, word for word.
+    default = [e.question for e in suite[1] if e.meta["family"] == "unit_conversion"]
+    assert [e.question for e in generate(3000, 600, seed=0, long_tail=0)[1]
+            if e.meta["family"] == "unit_conversion"] == default
+    with pytest.raises(ValueError, match="long_tail must be an int from 0 to 200"):
+        generate(10, 5, long_tail=201)
 
 
 def test_solve_round_trips_every_example(suite):

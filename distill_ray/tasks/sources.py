@@ -44,7 +44,8 @@ def load_tasks(cfg: Config) -> tuple[list[Example], list[Example]]:
     test: list[Example] = []
     for name, spec in cfg.tasks.items():
         if isinstance(spec, SyntheticTask):
-            tr, te = synthetic.generate(spec.train_size, spec.test_size, seed=spec.seed, families=spec.families)
+            tr, te = synthetic.generate(spec.train_size, spec.test_size, seed=spec.seed, families=spec.families,
+                                        long_tail=spec.long_tail)
         else:
             tr, te = _from_file(name, spec)
         train += tr

@@ -34,9 +34,11 @@ from distill_ray.tasks.synthetic_common import DEMO_NAMES, NAMES, Solution
 from distill_ray.tasks.synthetic_units import (
     RARE_TRAIN_ITEMS,
     RARE_UNITS,
+    is_rare,
     unit_build,
     unit_capacity,
     unit_parse,
+    unit_pool,
     unit_render,
     unit_sample,
     units_in,
@@ -85,7 +87,7 @@ def _example(family: str, id_: str, params, meta: dict) -> Example:
     meta = {"family": family, "steps": len(sol.decomposition), **meta}
     if family == "unit_conversion":
         units = units_in(params)
-        meta.update(units=units, rare=any(u in RARE_UNITS for u in units))
+        meta.update(units=units, rare=any(is_rare(u) for u in units))
     return Example(
         id=id_,
         task=f"synthetic/{family}",
@@ -100,7 +102,8 @@ def _example(family: str, id_: str, params, meta: dict) -> Example:
 
 
 def _draw(
-    family: str, split: str, n: int, seed: int, *, names: Sequence[str], exclude: set[str], id_prefix: str
+    family: str, split: str, n: int, seed: int, *, names: Sequence[str], exclude: set[str], id_prefix: str,
+    long_tail: int = 0,
 ) -> list[Example]:
     fam = _REGISTRY[family]
     if n > fam.capacity(len(names)):
@@ -111,16 +114,21 @@ def _draw(
     # String seeds are hashed deterministically by `random`, unlike hash() of a str.
     rng = random.Random(f"synthetic/{family}/{seed}/{split}")
     rare_at: dict[int, str] = {}
-    if family == "unit_conversion" and split == "train":
-        n_rare = min(n, RARE_TRAIN_ITEMS * len(RARE_UNITS))
-        rare_at = dict(zip(sorted(rng.sample(range(n), n_rare)), cycle(RARE_UNITS)))
+    options = {}
+    if family == "unit_conversion":
+        pool = unit_pool(long_tail)
+        options["pool"] = pool
+        rare = [u.name for u in pool if is_rare(u.name)]
+        if split == "train":
+            n_rare = min(n, RARE_TRAIN_ITEMS * len(rare))
+            rare_at = dict(zip(sorted(rng.sample(range(n), n_rare)), cycle(rare)))
     out: list[Example] = []
     seen: set[str] = set()
     misses = 0
     for _ in range(_DRAWS_PER_ITEM * n + 100):
         if len(out) == n or misses > _MAX_MISSES_IN_A_ROW:
             break
-        params = fam.sample(rng, names, split=split, rare=rare_at.get(len(out)))
+        params = fam.sample(rng, names, split=split, rare=rare_at.get(len(out)), **options)
         question = fam.render(params)
         if question in seen or question in exclude:
             misses += 1
@@ -168,12 +176,13 @@ def _check_size(name: str, value: int) -> None:
 
 
 def generate(
-    train_size: int, test_size: int, seed: int = 0, families: Sequence[str] | None = None
+    train_size: int, test_size: int, seed: int = 0, families: Sequence[str] | None = None, long_tail: int = 0
 ) -> tuple[list[Example], list[Example]]:
     """(train, test), families evenly mixed; no question appears in both splits.
 
     Each family's test split is drawn first from its own stream, so the test set does
     not change when only train_size does. Ids: synthetic/<family>/<seed>/<split>/<n>.
+    `long_tail` adds that many rare made-up units to unit_conversion (synthetic_units.py).
     """
     _check_size("train_size", train_size)
     _check_size("test_size", test_size)
@@ -181,9 +190,11 @@ def generate(
     trains, tests = [], []
     for family, n_train, n_test in zip(chosen, _shares(train_size, len(chosen)), _shares(test_size, len(chosen))):
         prefix = f"synthetic/{family}/{seed}"
-        test = _draw(family, "test", n_test, seed, names=NAMES, exclude=set(), id_prefix=f"{prefix}/test")
+        test = _draw(family, "test", n_test, seed, names=NAMES, exclude=set(), id_prefix=f"{prefix}/test",
+                     long_tail=long_tail)
         exclude = {ex.question for ex in test}
-        train = _draw(family, "train", n_train, seed, names=NAMES, exclude=exclude, id_prefix=f"{prefix}/train")
+        train = _draw(family, "train", n_train, seed, names=NAMES, exclude=exclude, id_prefix=f"{prefix}/train",
+                      long_tail=long_tail)
         trains.append(train)
         tests.append(test)
     return _interleave(trains), _interleave(tests)

@@ -8,6 +8,11 @@ methods (KARD, NesyCD, SKIntern) are meant to help with:
 - the common units are drawn with Zipf weights 1/rank (the first is ~10x the tenth);
 - each unit in RARE_UNITS appears in exactly RARE_TRAIN_ITEMS training examples;
 - the test split draws every unit uniformly, so rare facts are well represented there.
+
+A suite can add a long tail (`tasks.<name>.long_tail: N`): the first N of TAIL_UNITS,
+each as rare as RARE_UNITS. Then most facts are rare, as in real knowledge, and no
+student can memorise them all from the training data. The oracle knows every unit in
+UNITS, tail included, whichever suite asks.
 """
 from __future__ import annotations
 
@@ -48,12 +53,37 @@ UNIT_TABLE: tuple[UnitDef, ...] = (
     UnitDef("plim", "blip", 9),
     UnitDef("nurl", "dram", 5),
 )
-UNITS: dict[str, UnitDef] = {u.name: u for u in UNIT_TABLE}
 BASE_UNITS: tuple[str, ...] = ("blip", "dram")
+
+
+def _tail_units(n: int) -> tuple[UnitDef, ...]:
+    """n made-up units named consonant-vowel-consonant-vowel (the table's names end in a
+    consonant, so none coincide), with seeded factors 2-9 and alternating base units."""
+    rng = random.Random("synthetic/tail-units")
+    names = [a + b + c + d for a in "bdfgklmnprtvz" for b in "aeiou" for c in "bdgklmnprtvz" for d in "aeiou"]
+    rng.shuffle(names)
+    return tuple(UnitDef(name, BASE_UNITS[i % 2], rng.randint(2, 9)) for i, name in enumerate(names[:n]))
+
+
+TAIL_UNITS: tuple[UnitDef, ...] = _tail_units(200)
+UNITS: dict[str, UnitDef] = {u.name: u for u in (*UNIT_TABLE, *TAIL_UNITS)}
 RARE_UNITS: tuple[str, ...] = ("vask", "hoff", "plim", "nurl")
 COMMON_UNITS: tuple[str, ...] = tuple(u.name for u in UNIT_TABLE if u.name not in RARE_UNITS)
 RARE_TRAIN_ITEMS = 4
 _ZIPF = {name: 1.0 / rank for rank, name in enumerate(COMMON_UNITS, start=1)}
+_COMMON = frozenset(COMMON_UNITS)
+
+
+def is_rare(unit: str) -> bool:
+    """A unit the training split shows in only RARE_TRAIN_ITEMS questions (or not at all)."""
+    return unit in UNITS and unit not in _COMMON
+
+
+def unit_pool(long_tail: int = 0) -> tuple[UnitDef, ...]:
+    """The units a suite uses: the table, plus the first `long_tail` of TAIL_UNITS."""
+    if not isinstance(long_tail, int) or isinstance(long_tail, bool) or not 0 <= long_tail <= len(TAIL_UNITS):
+        raise ValueError(f"long_tail must be an int from 0 to {len(TAIL_UNITS)}, got {long_tail!r}")
+    return (*UNIT_TABLE, *TAIL_UNITS[:long_tail])
 
 
 @dataclass(frozen=True)
@@ -84,15 +114,17 @@ def _pick(rng: random.Random, candidates: Sequence[str], split: str) -> str:
     return rng.choices(common, weights=[_ZIPF[c] for c in common])[0]
 
 
-def unit_sample(rng: random.Random, names: Sequence[str], *, split: str, rare: str | None = None) -> UnitConversion:
-    """Train/demo draws use common units only, unless `rare` forces one of RARE_UNITS."""
+def unit_sample(rng: random.Random, names: Sequence[str], *, split: str, rare: str | None = None,
+                pool: Sequence[UnitDef] = UNIT_TABLE) -> UnitConversion:
+    """Train/demo draws use common units only, unless `rare` forces a rare one; test draws
+    any unit of `pool`."""
     while True:
-        unit = rare or _pick(rng, [u.name for u in UNIT_TABLE], split)
+        unit = rare or _pick(rng, [u.name for u in pool], split)
         base = UNITS[unit].base
         if rng.random() < 0.5:
             unit2 = base
         else:
-            unit2 = _pick(rng, [u.name for u in UNIT_TABLE if u.base == base and u.name != unit], split)
+            unit2 = _pick(rng, [u.name for u in pool if u.base == base and u.name != unit], split)
         count, count2 = rng.randint(2, 9), rng.randint(2, 9)
         first = count * UNITS[unit].factor
         second = count2 * UNITS[unit2].factor if unit2 in UNITS else count2
