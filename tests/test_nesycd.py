@@ -148,7 +148,7 @@ def test_a_training_question_skips_only_entries_about_its_own_error_alone(tmp_pa
 
 def test_one_question_searches_without_writing_to_the_embedding_cache(tmp_path):
     """A served request embeds its one query in memory: a cache miss would commit a table
-    version per request (954 versions in one evaluation of 600 questions, ever slower)."""
+    version per request (about 350 in one evaluation of 600 questions, ever slower)."""
     from distill_ray.knowledge.embed_cache import as_cache
     from distill_ray.store import open_db
 
