@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "ray_config.yaml"
 
@@ -37,6 +37,15 @@ class SyntheticTask(Section):
     families: list[str] | None = None
     long_tail: int = Field(0, ge=0)  # extra rare made-up units in unit_conversion (tasks/synthetic_units.py)
     seed: int = 0
+
+    @field_validator("long_tail")
+    @classmethod
+    def _tail_exists(cls, n: int) -> int:
+        from distill_ray.tasks.synthetic_units import TAIL_UNITS
+
+        if n > len(TAIL_UNITS):
+            raise ValueError(f"must be at most {len(TAIL_UNITS)}, the tail units the suite has")
+        return n
 
 
 class FileTask(Section):

@@ -35,6 +35,7 @@ def test_default_config_loads_and_overrides_apply():
         ("nosuchsection.x=1", "nosuchsection: unknown key"),
         ("train.lr=fast", "train.lr: Input should be a valid number"),
         ("tasks.synthetic.train_size=-3", "tasks.synthetic.train_size: Input should be greater than or equal to 1"),
+        ("tasks.synthetic.long_tail=201", "tasks.synthetic.long_tail: must be at most 200"),
         ("train.zero_stage=5", "train.zero_stage:"),
         ("teacher.kind=openai", "teacher.base_url: required when teacher.kind is 'openai'"),
         ("noequals", "expected section.key=value"),
