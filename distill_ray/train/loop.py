@@ -177,7 +177,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         stopped_early = bool(shared[3] > 0) and step < total
 
         if fail_at is not None and step == fail_at:
-            raise RuntimeError(f"injected failure at step {step} (train.inject_failure_at_step)")
+            _injected_failure(step)
 
         last = step == total or stopped_early
         if step % tc.log_every == 0 or last:
@@ -212,6 +212,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # Resumed from the final checkpoint of a finished run: report it again so the run
         # ends with metrics and a checkpoint, without training past its plan.
         _report(engine, tokenizer, state, {"step": start, "train_tokens": state["train_tokens"]}, final=True)
+
+
+def _injected_failure(step: int) -> None:
+    # Ray Train commits a reported checkpoint only once its controller has polled every
+    # rank's report (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default); a crash
+    # within that window loses the checkpoint and the retry starts from scratch. A drill
+    # models a crash after the commit, so it idles through a few polls before it fires.
+    interval = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2"))
+    time.sleep(3 * interval)
+    raise RuntimeError(f"injected failure at step {step} (train.inject_failure_at_step)")
 
 
 def _report(engine, tokenizer, state: dict[str, Any], metrics: dict[str, float], final: bool) -> None:
