@@ -104,6 +104,9 @@ class SkinternConfig(Section):
     keep_ratio_start: float = Field(1.0, gt=0, le=1)  # r_0, decaying linearly to 0 at stage T-1
     examples_start: int = Field(3, ge=0)  # k_0, decaying linearly to 0 at stage T-1
     compressor_model: str | None = None  # causal LM scoring token self-information; None = the student so far
+    # "continuous": the stages are segments of one warm-up + cosine schedule over the whole
+    # budget; "per_stage": each stage warms up again and decays to zero on its own.
+    lr_schedule: Literal["continuous", "per_stage"] = "continuous"
     compress_actors: int = Field(1, ge=1)
     compress_cpus: float = Field(0.5, gt=0)
 

@@ -235,6 +235,11 @@ def test_curriculum_state_is_restored_from_its_file_or_a_stage_checkpoint(tmp_pa
     assert again.open()["restored_from"] == "stage0 checkpoint" and again.stage() == 0
     again.finish_stage(0, {"checkpoint_path": str(ckpt), "model_dir": str(ckpt / "model"), "steps": 2})
     assert again.plan(1)["init_from"] == str(ckpt) and again.plan(1)["steps"] == 2
+    # One LR schedule over the 5 steps: stage 1 is its steps 2..3, stage 2 its step 4.
+    assert [again.plan(t)["lr_window"] for t in range(3)] == [[0, 5], [2, 5], [4, 5]]
+    per_stage = cfg.model_copy(deep=True)
+    per_stage.method.skintern.lr_schedule = "per_stage"
+    assert Curriculum(per_stage.model_dump(), inputs, str(tmp_path / "other")).plan(0)["lr_window"] is None
     third = Curriculum(cfg.model_dump(), inputs, train_dir)
     assert third.open()["restored_from"] == "state.json" and third.stage() == 1
     with pytest.raises(ValueError, match="curriculum is at stage 1, not 2"):
@@ -306,6 +311,14 @@ def test_continuing_from_a_checkpoint_restores_weights_adapter_and_optimizer(tmp
         assert second.get_lr()[0] == pytest.approx(1e-2 * warmup_cosine(2, 10)(0))
         assert second.global_steps == 0
         assert np.isfinite(train_step(second, [batches[3]]).loss) and second.global_steps == 1
+
+        # As the segment after steps 0..2 of one 10-step schedule, it goes on from step 3's
+        # LR instead of warming up again.
+        third = build_engine(cfg, tok, 1, total_steps=7, architecture_from=f"{ckpt}/model", lr_window=(3, 10)).engine
+        continue_from_checkpoint(third, ckpt)
+        assert third.get_lr()[0] == pytest.approx(1e-2 * warmup_cosine(2, 10)(3))
+        train_step(third, [batches[3]])
+        assert third.get_lr()[0] == pytest.approx(1e-2 * warmup_cosine(2, 10)(4))
     finally:
         import deepspeed.comm
 

@@ -55,6 +55,8 @@ def test_schedule_and_geometry():
     f = warmup_cosine(warmup_steps=10, total_steps=110)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0)
+    later = warmup_cosine(warmup_steps=10, total_steps=110, offset=60)  # a segment of the same schedule
+    assert [later(s) for s in (0, 25, 50)] == [f(60), f(85), f(110)]
     cfg = Config.model_validate({"train": {"batch_size": 32, "num_workers": 2, "micro_batch_size": 4}})
     assert batch_geometry(cfg.train, 2) == (4, 4)
     ds = deepspeed_config(cfg.train, cfg.student, 2)

@@ -108,7 +108,7 @@ class Curriculum:
     def _fingerprint(self) -> str:
         sk, tc = self.cfg.method.skintern, self.cfg.train
         setup = json.dumps([self.inputs.fingerprint(), self.schedule.as_dict(), sk.compressor_model, tc.epochs,
-                            tc.max_steps, tc.time_budget_s, tc.batch_size], sort_keys=True)
+                            tc.max_steps, tc.time_budget_s, tc.batch_size, sk.lr_schedule], sort_keys=True)
         return hashlib.blake2b(setup.encode(), digest_size=16).hexdigest()
 
     def _fresh(self) -> dict:
@@ -182,10 +182,13 @@ class Curriculum:
         p = self.schedule[t]
         previous = self.state["stages"].get(str(t - 1), {}).get("result") if t > 0 else None
         budget = self.state["budget"]
+        steps = budget["stage_steps"]
+        continuous = self.cfg.method.skintern.lr_schedule == "continuous"
         return {
             "stage": t, "stages": len(self.schedule), "keep_ratio": p.keep_ratio, "examples": p.examples,
-            "steps": budget["stage_steps"][t], "time_budget_s": budget["stage_time_budget_s"],
+            "steps": steps[t], "time_budget_s": budget["stage_time_budget_s"],
             "init_from": previous["checkpoint_path"] if previous else None,
+            "lr_window": [sum(steps[:t]), sum(steps)] if continuous else None,
         }
 
     def _compressor(self, t: int) -> str | None:

@@ -2,7 +2,9 @@
 
 For each stage not yet done: the actor builds the stage's rows, the driver trains them
 with `run_training(name="stage<t>")` starting from the previous stage's final checkpoint
-(weights, LoRA adapter, optimizer state; a fresh LR schedule), and the actor advances.
+(weights, LoRA adapter, optimizer state), and the actor advances. By default the stages
+are segments of one LR schedule (`method.skintern.lr_schedule: continuous`): stage t
+starts where stage t-1 left the learning rate, instead of warming up again.
 Killing the driver and rerunning the same command resumes at the same stage, and Ray
 Train resumes that stage at its last checkpoint (same storage path + name).
 
@@ -105,6 +107,7 @@ def run_curriculum(job: TrainJob) -> TrainResult:
         result = run_training(
             stage_config(cfg, plan["steps"], plan["time_budget_s"]), rows, output_dir=job.output_dir,
             name=f"stage{t}", mlflow_target=target, init_from=plan["init_from"], checkpoint_state=carried,
+            lr_window=plan["lr_window"],
         )
         resumed_from = int(read_state(result.checkpoint_path).get("resumed_from", 0))
         ray.get(actor.finish_stage.remote(t, {

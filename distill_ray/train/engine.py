@@ -68,10 +68,15 @@ def deepspeed_config(train: TrainConfig, student: StudentConfig, world_size: int
     }
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int):
-    """LR multiplier: linear warm-up, then cosine decay to zero at `total_steps`."""
+def warmup_cosine(warmup_steps: int, total_steps: int, offset: int = 0):
+    """LR multiplier: linear warm-up, then cosine decay to zero at `total_steps`.
+
+    With `offset` the run is a segment of a longer schedule: its step s takes the value of
+    step offset + s (a curriculum's stages share one schedule that way).
+    """
 
     def factor(step: int) -> float:
+        step += offset
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
@@ -80,12 +85,13 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
     return factor
 
 
-def build_optimizer(model: torch.nn.Module, train: TrainConfig, total_steps: int):
+def build_optimizer(model: torch.nn.Module, train: TrainConfig, total_steps: int, lr_window: tuple[int, int] | None = None):
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the student has no trainable parameters (LoRA target_modules matched nothing?)")
     optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(train.warmup_steps, total_steps))
+    offset, span = lr_window or (0, total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(train.warmup_steps, span, offset))
     return optimizer, scheduler
 
 
@@ -145,10 +151,12 @@ def build_engine(
     init_from: str | None = None,
     *,
     architecture_from: str | None = None,
+    lr_window: tuple[int, int] | None = None,
 ) -> Built:
     """Model (ZeRO-3: constructed already sharded) -> optional LoRA -> DeepSpeed engine.
 
-    With `architecture_from` the weights are left for a checkpoint load (load_student_model).
+    With `architecture_from` the weights are left for a checkpoint load (load_student_model);
+    `lr_window` = (offset, span) places this run inside a longer LR schedule (warmup_cosine).
     """
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
@@ -167,6 +175,6 @@ def build_engine(
     model = load_student_model(cfg, tokenizer, init_from, architecture_from=architecture_from)
     if cfg.student.lora.enabled:
         model = apply_lora(model, cfg.student.lora)
-    optimizer, scheduler = build_optimizer(model, cfg.train, total_steps)
+    optimizer, scheduler = build_optimizer(model, cfg.train, total_steps, lr_window)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     return Built(engine=engine, ds_config=ds_config, hf_ds_config=hf_ds_config)

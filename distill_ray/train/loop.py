@@ -10,6 +10,8 @@ The driver (trainer.py) passes one plain dict:
                      optimizer state; a fresh LR schedule and step counter), or None
     checkpoint_state JSON-able dict the caller wants in every checkpoint (a curriculum's
                      stage), or None
+    lr_window        [offset, span]: this run is steps offset.. of one LR schedule over span
+                     steps (a curriculum's stages), or None: the schedule spans this run
     mlflow           (tracking_uri, run_id) or None; rank 0 alone logs to it
 """
 from __future__ import annotations
@@ -121,6 +123,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     built = build_engine(
         cfg, tokenizer, world, total, config.get("init_from"),
         architecture_from=os.path.join(init_checkpoint, MODEL_DIR) if init_checkpoint else None,
+        lr_window=tuple(config["lr_window"]) if config.get("lr_window") else None,
     )
     engine = built.engine
     positions = getattr(engine.module.config, "max_position_embeddings", None)

@@ -134,6 +134,7 @@ def run_training(
     mlflow_target: tuple[str, str] | None = None,
     init_from: str | None = None,
     checkpoint_state: dict | None = None,
+    lr_window: tuple[int, int] | None = None,
 ) -> TrainResult:
     """Fine-tune the student on `rows` ({prompt, target, weight?}) with Ray Train + DeepSpeed.
 
@@ -141,7 +142,8 @@ def run_training(
     TrainResult.model_dir (weights only) or TrainResult.checkpoint_path (weights,
     adapter and optimizer state; curriculum stages chain this way) -- a path every
     worker can read; `checkpoint_state` a JSON-able dict saved in every checkpoint;
-    `mlflow_target` = (tracking_uri, run_id) of a run the driver already created.
+    `mlflow_target` = (tracking_uri, run_id) of a run the driver already created;
+    `lr_window` = (offset, span) when this run is one segment of a longer LR schedule.
     """
     init_model, init_checkpoint = _init_source(init_from)
     carried = _caller_state(checkpoint_state)
@@ -169,6 +171,7 @@ def run_training(
         "init_from": init_model,
         "init_checkpoint": init_checkpoint,
         "checkpoint_state": carried,
+        "lr_window": list(lr_window) if lr_window else None,
         "mlflow": tuple(mlflow_target) if mlflow_target else None,
     }
     trainer = TorchTrainer(
