@@ -7,6 +7,7 @@ package never needs it.
 from __future__ import annotations
 
 import asyncio
+import gc
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -85,4 +86,11 @@ class VllmBackend:
 
     def shutdown(self) -> None:
         """Stop the engine's processes now rather than whenever the object is collected."""
-        self.engine.shutdown()
+        engine, self.engine = self.engine, None
+        if engine is None:
+            return
+        engine.shutdown()
+        # vLLM's __del__ shuts the engine down again. Collected here, while the modules it
+        # calls still exist; left to interpreter exit, it raises a TypeError there.
+        del engine
+        gc.collect()
