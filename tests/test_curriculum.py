@@ -260,7 +260,6 @@ def test_continuing_from_a_checkpoint_restores_weights_adapter_and_optimizer(tmp
     """What chains two curriculum stages, in one process: DeepSpeed ZeRO-2 with LoRA."""
     import deepspeed
     import torch
-    import torch.distributed as dist
 
     from distill_ray.train.checkpoint import continue_from_checkpoint, save_checkpoint
     from distill_ray.train.data import collate, encode_rows, validate_rows
