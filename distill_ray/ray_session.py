@@ -46,8 +46,8 @@ def init_ray(cfg: Config) -> None:
         kwargs["address"] = address
     else:
         # A Ray started here is this machine alone: nothing in it gets preempted, and Ray
-        # Train's preemption watcher would only be one more process per fit (~5 s of a
-        # 2-core box's CPU). Ray Train passes the driver's setting on to its controller.
+        # Train's preemption watcher would only be one more process to start per fit.
+        # Ray Train passes the driver's setting on to its controller.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         # The dashboard also backs the State API, which Ray Train's cleanup thread polls.
         kwargs.update(num_cpus=cfg.cluster.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
