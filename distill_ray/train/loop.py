@@ -123,7 +123,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     built = build_engine(
         cfg, tokenizer, world, total, config.get("init_from"),
         architecture_from=os.path.join(init_checkpoint, MODEL_DIR) if init_checkpoint else None,
-        lr_window=tuple(config["lr_window"]) if config.get("lr_window") else None,
+        lr_window=config.get("lr_window"),
     )
     engine = built.engine
     positions = getattr(engine.module.config, "max_position_embeddings", None)

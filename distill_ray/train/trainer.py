@@ -171,7 +171,7 @@ def run_training(
         "init_from": init_model,
         "init_checkpoint": init_checkpoint,
         "checkpoint_state": carried,
-        "lr_window": list(lr_window) if lr_window else None,
+        "lr_window": lr_window,
         "mlflow": tuple(mlflow_target) if mlflow_target else None,
     }
     trainer = TorchTrainer(
