@@ -164,6 +164,8 @@ class KnowledgeConfig(Section):
     # would use a single core of a 2-core box. They start after the teacher's pool is gone.
     embed_actors: int = Field(2, ge=1)
     embed_cpus: float = Field(0.5, gt=0)
+    # Fewer uncached texts than this are embedded in the calling process instead (0: always the pool).
+    pool_min_texts: int = Field(1024, ge=0)
     batch_size: int = Field(128, ge=1)
 
 

@@ -160,6 +160,7 @@ def test_ray_data_stage_embeds_only_what_the_cache_lacks(tmp_path, ray_runtime):
     uri = str(tmp_path / "db")
     cfg = Config()
     cfg.knowledge.batch_size = 4  # several batches per actor
+    cfg.knowledge.pool_min_texts = 0  # so few texts would otherwise be embedded here, not on the pool
     questions = _questions(10, seed=4)
     texts = [f"Supplementary Knowledge: 1. fact {i % 4}" for i in range(10)]  # 4 distinct
     table = pa.table({"id": [str(i) for i in range(10)], "question": questions, "text": texts})
@@ -189,6 +190,7 @@ def test_a_second_knowledge_stage_and_kard_embed_nothing(tmp_path, ray_runtime):
 
     train, _ = generate(12, 0, seed=5)
     cfgs = [Config(run_name=name) for name in ("first run", "second run")]
+    cfgs[0].knowledge.pool_min_texts = 0  # the first run's texts go through the actor pool
     with start_oracle(FaultConfig()) as oracle:
         needs = []
         for cfg in cfgs:
@@ -199,7 +201,9 @@ def test_a_second_knowledge_stage_and_kard_embed_nothing(tmp_path, ray_runtime):
     kept = int(first.stats["kept"])
     assert kept == len(train) and first.table != second.table
     assert first.stats["embed_cache_hits"] == 0 and 0 < first.stats["embed_new"] <= 2 * kept
+    assert first.stats["embed_pool_texts"] == first.stats["embed_new"]
     assert second.stats["embed_new"] == 0 and second.stats["embed_cache_hits"] == 2 * kept
+    assert second.stats["embed_pool_texts"] == 0
     db = open_db(cfgs[0].lancedb_uri)
     a, b = (read_table(db, n.table).sort_by("id") for n in needs)
     for column in ("question_vector", "vector"):

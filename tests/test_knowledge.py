@@ -262,6 +262,8 @@ def test_knowledge_stage_under_faults_then_from_cache(tmp_path, ray_runtime):
     assert s["kept"] == len(rows) and s["failed"] == len(failed) and s["examples"] == len(examples)
     assert s["transport_retries"] > 0 and s["malformed_retries"] > 0 and s["reasks"] > 0
     assert s["failed_malformed_knowledge"] >= 1 and s["embed_s"] > 0
+    # Fewer new texts than knowledge.pool_min_texts: embedded in this process, no actor pool.
+    assert 0 < s["embed_new"] < cfg.knowledge.pool_min_texts and s["embed_pool_texts"] == 0
     assert s["http_requests"] == served["requests"] and served["kind_knowledge"] > 0
     assert s["prompt_tokens"] > 0 and s["completion_tokens"] > 0
 

@@ -12,7 +12,8 @@ Ways in:
     each loading the model once.
 Both take `cache=` (a LanceDB uri or an `EmbeddingCache`, see `embed_cache`): texts
 already embedded by this model come from the table, only the rest are embedded, once
-per distinct text, and stored by the calling process in bulk.
+per distinct text, and stored by the calling process in bulk. `embed_table` sends
+those to the pool only when there are at least `knowledge.pool_min_texts` of them.
 """
 from __future__ import annotations
 
@@ -184,13 +185,26 @@ def embed_table(table: pa.Table, knowledge_cfg: KnowledgeConfig, columns: Mappin
 
     store = as_cache(cache, knowledge_cfg.embedding_model)
     texts = [_check_texts(table.column(c).to_pylist(), f"embed_table, column {c!r}") for c in columns]
-    vectors = store.embed([t for col in texts for t in col], lambda miss: _embed_on_pool(miss, knowledge_cfg))
+    vectors = store.embed([t for col in texts for t in col], lambda miss: _embed_misses(miss, knowledge_cfg))
     n = table.num_rows
     for i, target in enumerate(columns.values()):
         if target in table.column_names:
             table = table.drop_columns([target])
         table = table.append_column(target, vector_array(vectors[i * n:(i + 1) * n]))
     return table
+
+
+def uses_pool(new_texts: int, knowledge_cfg: KnowledgeConfig) -> bool:
+    """Whether `embed_table` sends this many uncached texts to the actor pool."""
+    return new_texts > 0 and new_texts >= knowledge_cfg.pool_min_texts
+
+
+def _embed_misses(texts: list[str], knowledge_cfg: KnowledgeConfig) -> np.ndarray:
+    if uses_pool(len(texts), knowledge_cfg):
+        return _embed_on_pool(texts, knowledge_cfg)
+    # Every pool actor loads the model first; for a few hundred texts that load, not the
+    # embedding, is the cost, and this process has loaded it once already or will.
+    return embed_texts(texts, knowledge_cfg.embedding_model, batch_size=knowledge_cfg.batch_size)
 
 
 def _through_pool(table: pa.Table, knowledge_cfg: KnowledgeConfig, columns: Mapping[str, str]) -> pa.Table:

@@ -296,12 +296,14 @@ def collect_knowledge(
 
     `exemplars` (by task name) gives few-shot (question, gold answer, knowledge text)
     triples for real tasks; synthetic tasks default to the suite's demonstrations with
-    the oracle's knowledge. Embedding runs on a Ray Data actor pool (`knowledge.*`),
-    after the teacher's pool has finished, for the texts not yet in the embedding cache
-    (`embeddings`, shared by every run on this LanceDB); its time is `stats["embed_s"]`,
-    texts served by the cache `embed_cache_hits`, distinct texts embedded `embed_new`.
+    the oracle's knowledge. Embedding runs after the teacher's pool has finished, for the
+    texts not yet in the embedding cache (`embeddings`, shared by every run on this
+    LanceDB): on a Ray Data actor pool (`knowledge.*`), or in this process when they are
+    fewer than `knowledge.pool_min_texts`. Its time is `stats["embed_s"]`, texts served
+    by the cache `embed_cache_hits`, distinct texts embedded `embed_new`, and of those
+    embedded on the pool `embed_pool_texts`.
     """
-    from distill_ray.knowledge.embed import embed_table, model_dim, resolve_model
+    from distill_ray.knowledge.embed import embed_table, model_dim, resolve_model, uses_pool
     from distill_ray.knowledge.embed_cache import EmbeddingCache
     from distill_ray.knowledge.table import (
         KNOWLEDGE,
@@ -333,4 +335,5 @@ def collect_knowledge(
     output = StageOutput("knowledge", KNOWLEDGE, schema, knowledge_row, KNOWLEDGE_FAILURES, embed, "embed_s")
     result = run_plan(cfg, examples, plan, output, run_tag=run_tag, progress=progress)
     result.stats.update(cache.stats())
+    result.stats["embed_pool_texts"] = cache.new if uses_pool(cache.new, k) else 0
     return result
