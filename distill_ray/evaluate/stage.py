@@ -16,40 +16,13 @@ from dataclasses import dataclass, field
 
 import mlflow
 
-from ..client.actor import OUTPUT_COLUMNS, QueryOptions, query_dataset
+from ..client.actor import QueryOptions, query_dataset
 from ..client.openai_client import ClientSettings, Secret
-from ..client.requests import LLMRequest
 from ..config import Config
-from ..methods.recipe import STOP, MethodContext, Recipe
-from ..tasks.answers import score
+from ..methods.recipe import MethodContext, Recipe
 from ..tasks.record import Example
 from .flops import flops_model
-
-
-@dataclass(frozen=True)
-class EvalPlan:
-    """Ask once, greedy; every reply is accepted (a wrong answer is data, not an error).
-
-    With `score` the reply is the final one and is scored; without, it is an
-    intermediate reply (CasCoD's rationale) that the next call builds on.
-    """
-
-    model: str
-    max_tokens: int
-    temperature: float = 0.0
-    score: bool = True
-    max_tries: int = 1
-    payload_fields: tuple[str, ...] = ("prediction", "correct")
-
-    def requests(self, row: dict, attempt: int) -> LLMRequest:
-        return LLMRequest(kind="completion", model=self.model, prompt=row["prompt"], temperature=self.temperature,
-                          max_tokens=self.max_tokens, stop=tuple(STOP))
-
-    def check(self, row: dict, response_text: str) -> tuple[bool, str, dict]:
-        if not self.score:
-            return True, "", {}
-        prediction, correct = score(response_text, Example.from_row(row))
-        return True, "", {"prediction": prediction, "correct": bool(correct)}
+from .plan import EvalPlan, FollowUp
 
 
 @dataclass
@@ -65,20 +38,6 @@ def _options(cfg: Config, base_url: str) -> QueryOptions:
         max_in_flight=cfg.eval.max_in_flight,
         cache_uri=None,  # a student's answers are what is being measured: never served from a cache
     )
-
-
-class _FollowUp:
-    """Between two inference calls: keep the first call's reply and usage, build the next prompt."""
-
-    def __init__(self, recipe: Recipe, extras: dict[str, dict]) -> None:
-        self.follow_up, self.extras = recipe.follow_up, extras
-
-    def __call__(self, row: dict) -> dict:
-        first = {f"first_{k}": row[k] for k in ("status", "output", "prompt_tokens", "completion_tokens", "call_usage")}
-        out = {k: v for k, v in row.items() if k not in OUTPUT_COLUMNS}
-        ex = Example.from_row(row)
-        out["prompt"] = self.follow_up(ex, self.extras.get(ex.id, {}), row["output"] or "")
-        return {**out, **first}
 
 
 def evaluate_endpoint(cfg: Config, examples: list[Example], recipe: Recipe, base_url: str, model_dir: str,
@@ -104,7 +63,7 @@ def evaluate_endpoint(cfg: Config, examples: list[Example], recipe: Recipe, base
         ds = query_dataset(ds, first, options, num_actors=cfg.eval.num_actors, actor_cpus=0.25)
         # A light task between the two pools: with the default 1 CPU it would wait forever
         # on a small node whose CPUs the replica and both actor pools already hold.
-        ds = ds.map(_FollowUp(recipe, extras), num_cpus=0.1)
+        ds = ds.map(FollowUp(recipe, extras), num_cpus=0.1)
     ds = query_dataset(ds, final, options, num_actors=cfg.eval.num_actors, actor_cpus=0.25)
     fm = flops_model(model_dir)
     started, last = time.monotonic(), 0.0
