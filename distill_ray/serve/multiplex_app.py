@@ -4,7 +4,8 @@
 Over HTTP it speaks the OpenAI API (`/v1/models` lists the adapters). A deployment
 composed in front of it (the Socratic dialogue) calls the same code through its handle:
 `openai(path, body)` answers a raw API request, `complete(adapter, prompt, ...)` one
-completion, `stats()` says what the replica holds.
+completion, `dialogue(question, settings, ...)` a whole Socratic dialogue between two of
+its adapters, `stats()` says what the replica holds.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from distill_ray.config import ServeConfig
 from distill_ray.serve.api_errors import error_reply, install_error_handlers
 from distill_ray.serve.app import deployment_options, sampling_for, usage_of
 from distill_ray.serve.backend import Completion
+from distill_ray.serve.dialogue import Dialogue, DialogueSettings, run_dialogue
 from distill_ray.serve.multiplex import read_adapters
 from distill_ray.serve.protocol import (
     ApiError,
@@ -156,6 +158,10 @@ class AdapterReplica:
         params = sampling_for(len(ids), room + len(ids), max_tokens, "prompt",
                               temperature=temperature, top_p=top_p, stop=tuple(stop), seed=seed)
         return (await self.backend.generate(adapter, [ids], [params]))[0]
+
+    async def dialogue(self, question: str, settings: DialogueSettings, max_steps: int, **sampling) -> Dialogue:
+        """Socratic CoT's decomposer/solver dialogue on `question`, every call batched here."""
+        return await run_dialogue(self.complete, question, settings, max_steps, **sampling)
 
 
 AdapterServer = serve.deployment(AdapterReplica, name="AdapterServer")

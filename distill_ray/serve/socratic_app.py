@@ -1,19 +1,16 @@
 """The Socratic endpoint: a decomposer and a solver in dialogue behind one OpenAI-compatible model.
 
-Two deployments: `AdapterServer` holds the base once with both adapters, and this
-ingress runs the dialogue through its handle. A request for `serve.model_name` is one
-question (a house-format prompt "Question: ...\\nAnswer:" or the bare question; for chat,
-the last user message); the ingress then alternates
-
-    decomposer(Q + steps so far) -> next sub-question, or "[done]"
-    solver(Q + steps so far + sub-question) -> sub-answer
-
-until the decomposer is done or `max_steps` sub-questions are answered (the step limit:
-`method.socratic.max_steps`, per request `max_steps` in the body). The reply is the
-sub-question trail, then "Therefore, the answer is N." read off the last sub-answer.
-`max_tokens` bounds each call (with `method.socratic.step_max_tokens`), not the whole
-dialogue. `usage` sums every call; `usage.calls` lists them (model, prompt and
-completion tokens), so the eval stage prices each call on its own.
+Two deployments: `AdapterServer` holds the base once with both adapters and runs each
+dialogue (`serve/dialogue.py`) against its own batcher; this ingress speaks HTTP and
+hands it one question per call. A request for `serve.model_name` is one question (a
+house-format prompt "Question: ...\\nAnswer:" or the bare question; for chat, the last
+user message). The dialogue alternates decomposer (next sub-question, or "[done]") and
+solver (its sub-answer) until the decomposer is done or `max_steps` sub-questions are
+answered (the step limit: `method.socratic.max_steps`, per request `max_steps` in the
+body). The reply is the sub-question trail, then "Therefore, the answer is N." read off
+the last sub-answer. `max_tokens` bounds each call (with `method.socratic.step_max_tokens`),
+not the whole dialogue. `usage` sums every call; `usage.calls` lists them (model, prompt
+and completion tokens), so the eval stage prices each call on its own.
 
 A request naming `decomposer` or `solver` goes to that adapter unchanged.
 """
@@ -21,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -31,18 +28,10 @@ from ray import serve
 from ray.serve.deployment import Application
 
 from distill_ray.config import Config
-from distill_ray.methods.socratic_format import (
-    DECOMPOSER,
-    SOLVER,
-    decomposer_prompt,
-    is_done,
-    one_line,
-    reply_text,
-    solver_prompt,
-)
+from distill_ray.methods.socratic_format import DECOMPOSER, SOLVER
 from distill_ray.serve.api_errors import install_error_handlers
 from distill_ray.serve.app import deployment_options
-from distill_ray.serve.backend import Completion
+from distill_ray.serve.dialogue import Dialogue, DialogueSettings
 from distill_ray.serve.multiplex import read_adapters
 from distill_ray.serve.multiplex_app import adapter_deployment
 from distill_ray.serve.protocol import (
@@ -57,31 +46,7 @@ from distill_ray.serve.protocol import (
     parse_request,
     summed_usage,
 )
-from distill_ray.tasks.record import Step
 from distill_ray.teacher.prompts import last_question
-
-# A sub-question or sub-answer is one line: a student that writes on has said its part.
-STEP_STOP = ("\n",)
-
-
-@dataclass(frozen=True)
-class DialogueSettings:
-    model_name: str  # what clients ask for to get the pair
-    max_steps: int
-    step_max_tokens: int
-    decomposer: str = DECOMPOSER
-    solver: str = SOLVER
-
-
-@dataclass
-class Dialogue:
-    steps: list[Step] = field(default_factory=list)
-    calls: list[tuple[str, Completion]] = field(default_factory=list)  # (adapter, completion), in order
-    limit_hit: bool = False
-
-    def text(self) -> str:
-        return reply_text(self.steps, limit_hit=self.limit_hit)
-
 
 class CallUsage(BaseModel):
     model: str
@@ -91,40 +56,6 @@ class CallUsage(BaseModel):
 
 class DialogueUsage(Usage):
     calls: list[CallUsage]
-
-
-async def run_dialogue(complete, question: str, s: DialogueSettings, max_steps: int, *, temperature: float = 0.0,
-                       top_p: float = 1.0, seed: int | None = None, max_tokens: int | None = None) -> Dialogue:
-    """Alternate the two students on `question`; `complete(adapter, prompt, max_tokens, **sampling)`
-    returns a Completion, or None when the prompt has outgrown the context (that ends the
-    dialogue like the step limit does)."""
-    d = Dialogue()
-    per_call = min(s.step_max_tokens, max_tokens or s.step_max_tokens)
-
-    async def ask(adapter: str, prompt: str) -> Completion | None:
-        # Each call its own seed: the same seed would replay the same random stream at every turn.
-        call_seed = None if seed is None else seed + len(d.calls)
-        done = await complete(adapter, prompt, per_call, temperature=temperature, top_p=top_p,
-                              stop=STEP_STOP, seed=call_seed)
-        if done is not None:
-            d.calls.append((adapter, done))
-        return done
-
-    for _ in range(max_steps):
-        asked = await ask(s.decomposer, decomposer_prompt(question, d.steps))
-        if asked is None:
-            d.limit_hit = True
-            return d
-        sub_question = one_line(asked.text)
-        if is_done(sub_question) or not sub_question:  # nothing more to ask
-            return d
-        answered = await ask(s.solver, solver_prompt(question, d.steps, sub_question))
-        if answered is None:
-            d.limit_hit = True
-            return d
-        d.steps.append(Step(sub_question, one_line(answered.text)))
-    d.limit_hit = True
-    return d
 
 
 def _question(text: str) -> str:
@@ -160,13 +91,10 @@ class SocraticApi:
     def __init__(self, pair, settings: DialogueSettings) -> None:
         self.pair, self.s = pair, settings
 
-    async def _complete(self, adapter: str, prompt: str, max_tokens: int, **sampling) -> Completion | None:
-        return await self.pair.complete.remote(adapter, prompt, max_tokens, **sampling)
-
     async def _dialogue(self, req, text: str, max_steps: int) -> tuple[Dialogue, str, str]:
         check_supported(req)
-        d = await run_dialogue(self._complete, _question(text), self.s, max_steps, temperature=req.temperature,
-                               top_p=req.top_p, seed=req.seed, max_tokens=req.requested_max_tokens())
+        d = await self.pair.dialogue.remote(_question(text), self.s, max_steps, temperature=req.temperature,
+                                            top_p=req.top_p, seed=req.seed, max_tokens=req.requested_max_tokens())
         reply, cut = _cut_at_stop(d.text(), req.stop_sequences())
         return d, reply, "length" if d.limit_hit and not cut else "stop"
 
