@@ -2,7 +2,7 @@
 `model` names the adapter.
 
 Over HTTP it speaks the OpenAI API (`/v1/models` lists the adapters). A deployment
-composed in front of it (the Socratic dialogue) calls the same code through its handle:
+composed in front of it (the Socratic ingress) calls the same code through its handle:
 `openai(path, body)` answers a raw API request, `complete(adapter, prompt, ...)` one
 completion, `dialogue(question, settings, ...)` a whole Socratic dialogue between two of
 its adapters, `stats()` says what the replica holds.
