@@ -5,6 +5,7 @@ weights: greedy decoding must give identical text and token counts whatever the 
 """
 from __future__ import annotations
 
+import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -123,8 +124,16 @@ def test_sampling_params_reject_bad_values(bad, names):
         SamplingParams(**{"max_tokens": 4, **bad})
 
 
+def test_serve_imports_leave_vllm_unimported():
+    # In a fresh interpreter: this one may have imported vllm for another test file already.
+    code = ("import sys, distill_ray.serve, distill_ray.serve.app, distill_ray.serve.backend_vllm, "
+            "distill_ray.serve.deploy; print(sorted(m for m in sys.modules if m.split('.')[0] == 'vllm'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "[]", f"importing distill_ray.serve must not import vllm: {out.stdout[:500]}"
+
+
 def test_vllm_backend_names_the_missing_extra(student, monkeypatch):
-    assert "vllm" not in sys.modules, "importing distill_ray.serve must not import vllm"
     monkeypatch.setitem(sys.modules, "vllm", None)  # what `import vllm` meets without the extra
     with pytest.raises(MissingExtraError, match=r"pip install distill-ray\[vllm\]") as e:
         VllmBackend(student[0], ServeConfig(backend="vllm"))
