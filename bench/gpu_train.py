@@ -28,10 +28,9 @@ from pathlib import Path
 
 import torch
 
+# The project's modules import transformers (seconds of CPU): each is imported where it is
+# used, so a refused run (no GPU, no --smoke) ends at once.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from distill_ray.evaluate.flops import flops_model_from_config  # noqa: E402
-from distill_ray.train.step import LocalEngine, train_step  # noqa: E402
 
 # Dense bf16 peak of the card, FLOP/s (no sparsity), by a fragment of torch's device name.
 PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
@@ -92,6 +91,8 @@ class Autocast:
 
 
 def local_engine(variant: str, config, device: torch.device, lr: float):
+    from distill_ray.train.step import LocalEngine
+
     dtype = torch.float32 if variant == "eager" else torch.bfloat16
     model = build_model(config, dtype, device)
     model.config.use_cache = False
@@ -134,6 +135,8 @@ def deepspeed_engine(config, zero: int, micro: int, device: torch.device, lr: fl
 
 
 def model_flops_per_token(config, seq: int) -> float:
+    from distill_ray.evaluate.flops import flops_model_from_config
+
     fm = flops_model_from_config(config)
     return 6.0 * fm.matmul_params + 12.0 * fm.num_layers * fm.attn_dim * seq
 
@@ -148,6 +151,8 @@ def peak_flops(device: torch.device, override_tflops: float | None) -> float | N
 
 
 def run_variant(variant: str, args, config, device: torch.device) -> Result:
+    from distill_ray.train.step import train_step
+
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -193,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             p.error("no GPU here: run with --smoke to check the script on CPU")
         device, shape = torch.device("cuda", 0), QWEN2_05B
+    from distill_ray.evaluate.flops import flops_model_from_config
+
     config = qwen2_config(shape)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     fm = flops_model_from_config(config)

@@ -123,8 +123,8 @@ TINY_RUN = [
 def test_submitted_run_end_to_end_read_back_from_mlflow(local_cluster, mlflow_server, tmp_path):
     """The tiny default sent with `distill-ray submit --follow` to the script's cluster (token
     auth on): Ray Data → LanceDB → Ray Train + DeepSpeed → Ray Serve → eval, every stage read
-    back from the real MLflow server; a second job's collect asks the teacher nothing; a
-    failing job fails the command."""
+    back from the real MLflow server; a failing job fails the command. (That a rerun asks
+    the teacher nothing is test_teacher's to check, on the same stage code.)"""
     env = local_cluster.client_env()
     address = f"http://127.0.0.1:{local_cluster.dashboard}"
     common = [*TINY_RUN, "--set", f"storage.root={tmp_path}", "--set", f"tracking.uri={mlflow_server.uri}",
@@ -171,13 +171,6 @@ def test_submitted_run_end_to_end_read_back_from_mlflow(local_cluster, mlflow_se
     local = client.download_artifacts(ev.info.run_id, "predictions.jsonl", str(tmp_path / "dl"))
     preds = [json.loads(line) for line in Path(local).read_text().splitlines()]
     assert len(preds) == 24 and {"prediction", "correct", "flops_total", "output"} <= set(preds[0])
-
-    # A second collect over the same storage asks the teacher nothing: everything is cached.
-    again = submit(*common, "--set", "run_name=again", "--stage", "collect")
-    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
-    [cached] = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name == "again/collect"]
-    assert cached.data.metrics["rationales.http_requests"] == 0
-    assert cached.data.metrics["rationales.cache_hits"] == 160
 
     # A job that fails on the cluster (no trained student for this run) fails the command.
     failed = submit(*common, "--set", "run_name=never-trained", "--stage", "eval")
