@@ -75,7 +75,7 @@ def reader(tmp_path_factory):
     from distill_ray.train.student import TinySpec, tiny_model, train_tokenizer
 
     threads = torch.get_num_threads()
-    # Nothing else runs while this fixture trains: both cores take about a quarter off its time.
+    # Nothing else runs while this fixture trains, so it may use both cores.
     torch.set_num_threads(2)
     rng = random.Random(0)
     units = sorted(UNITS)
