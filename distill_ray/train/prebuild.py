@@ -24,7 +24,23 @@ def ensure_extensions_dir() -> str:
     path = extensions_dir()
     os.environ["TORCH_EXTENSIONS_DIR"] = path
     os.makedirs(path, exist_ok=True)
+    _environment_tools_first()
     return path
+
+
+def _environment_tools_first() -> None:
+    """This environment's bin dir first on PATH, as activating it would do.
+
+    torch builds with whichever `ninja` PATH finds first, and two ninja versions keep
+    build logs the other discards: each then rebuilt the op from scratch. Install and
+    tests found the system's ninja, nodes started by cluster/local_cluster.sh the
+    environment's own (DeepSpeed depends on the `ninja` package), so a clean `make test`
+    built the op three times.
+    """
+    bindir = os.path.dirname(sys.executable)
+    parts = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p]
+    if not parts or parts[0] != bindir:
+        os.environ["PATH"] = os.pathsep.join([bindir, *(p for p in parts if p != bindir)])
 
 
 def prebuild(verbose: bool = False) -> str:
