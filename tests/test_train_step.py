@@ -79,3 +79,20 @@ def test_init_from_continues_a_saved_student(tokenizer, tmp_path):
     key = "model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(resumed.state_dict()[key], previous.state_dict()[key])
     assert not torch.equal(fresh.state_dict()[key], previous.state_dict()[key])
+
+
+def test_extensions_dir_puts_this_environments_tools_first(tmp_path, monkeypatch):
+    """Every process must build DeepSpeed's comm op with the same `ninja`: the one beside
+    this interpreter, wherever PATH put it before."""
+    import os
+    import sys
+
+    from distill_ray.train.prebuild import ensure_extensions_dir
+
+    bindir = os.path.dirname(sys.executable)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    monkeypatch.setenv("PATH", os.pathsep.join(["/usr/bin", bindir, "", "/bin"]))
+    assert ensure_extensions_dir() == str(tmp_path / "ext")
+    assert os.environ["PATH"].split(os.pathsep) == [bindir, "/usr/bin", "/bin"]
+    ensure_extensions_dir()  # idempotent: no second copy
+    assert os.environ["PATH"].split(os.pathsep) == [bindir, "/usr/bin", "/bin"]

@@ -20,6 +20,7 @@ def extensions_dir() -> str:
 
 
 def ensure_extensions_dir() -> str:
+    """The build dir set in TORCH_EXTENSIONS_DIR, and this environment's tools first on PATH."""
     # Must run before DeepSpeed's comm backend is created: that is when it loads the op.
     path = extensions_dir()
     os.environ["TORCH_EXTENSIONS_DIR"] = path
