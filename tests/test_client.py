@@ -174,3 +174,39 @@ def test_store_names_bad_input(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         read_rows(db, "missing")
     assert len(read_rows(db, "t")) == 2  # nothing was lost on the way
+
+
+def test_replay_settles_exactly_the_rows_the_cache_decides(tmp_path):
+    """A row settles on the driver when its attempts up to an outcome are all cached; the first
+    attempt that would need the endpoint sends the whole row to the actors, untouched."""
+    from types import SimpleNamespace
+
+    from distill_ray.client.replay import replay_cached
+    from distill_ray.teacher.cot_plan import build_plan
+
+    train, _ = generate(4, 0, seed=3)
+    plan = build_plan(SimpleNamespace(model="oracle", temperatures=(0.0, 0.7), max_tries=2, max_tokens=64, few_shot=1), train)
+    rows = [ex.to_row() for ex in train] + [{**train[0].to_row(), "id": "bad", "question": None}]
+    right = [f"{ex.rationale}" for ex in train]
+    wrong = "1 + 1 = 2 . Therefore, the answer is 123456."
+    reply = lambda text: LLMResponse(text=text, prompt_tokens=5, completion_tokens=7)  # noqa: E731
+    write_calls(open_db(str(tmp_path / "db")), [
+        call_record(plan.requests(rows[0], 0), reply(right[0])),  # settled: kept at attempt 1
+        call_record(plan.requests(rows[1], 0), reply(wrong)),  # settled: wrong, then right at attempt 2
+        call_record(plan.requests(rows[1], 1), reply(right[1])),
+        call_record(plan.requests(rows[2], 0), reply(wrong)),  # to ask: attempt 2 is not cached
+        # rows[3]: nothing cached, to ask
+    ])
+    done, to_ask = replay_cached(rows, plan, str(tmp_path / "db"))
+
+    assert [r["id"] for r in to_ask] == [rows[2]["id"], rows[3]["id"]] and to_ask == [rows[2], rows[3]]
+    by_id = {r["id"]: r for r in done}
+    assert set(by_id) == {rows[0]["id"], rows[1]["id"], "bad"}
+    first, second = by_id[rows[0]["id"]], by_id[rows[1]["id"]]
+    assert (first["status"], first["attempts"], first["n_cache_hits"], first["n_http"]) == ("kept", 1, 1, 0)
+    assert (second["status"], second["attempts"], second["n_cache_hits"]) == ("kept", 2, 2)
+    assert second["rationale"] == right[1] and second["calls"] == "[]" and second["prompt_tokens"] == 10
+    # A row whose requests cannot be built fails here, as it would in an actor, without a call.
+    assert by_id["bad"]["status"] == "failed" and by_id["bad"]["reason"].startswith("bad_request")
+    # No cache table at all: everything well-formed is still to ask.
+    assert replay_cached(rows[:4], plan, str(tmp_path / "empty")) == ([], rows[:4])

@@ -104,6 +104,8 @@ def test_stage_under_faults_then_rerun_from_cache(tmp_path, monkeypatch):
     assert after["requests"] == served["requests"]
     assert again.stats["http_requests"] == 0 and again.stats["teacher_calls"] == 0
     assert again.stats["cache_hits"] == len(calls)
+    # ... and settles every example on the driver, with no actor pool to start.
+    assert first.stats["settled_from_cache"] == 0 and again.stats["settled_from_cache"] == len(examples)
     assert again.stats["kept"] == s["kept"]
     rerun_kept = read_rows(db, again.rationales_table)
     assert {(r["id"], r["rationale"]) for r in rerun_kept} == {(r["id"], r["rationale"]) for r in kept}

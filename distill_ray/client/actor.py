@@ -22,6 +22,7 @@ import json
 import math
 import threading
 from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import pyarrow as pa
@@ -80,6 +81,65 @@ class _Counters:
         self.call_usage.extend([m, p, c] for m, p, c in calls)
 
 
+def requests_for(plan: Plan, row: dict) -> list[LLMRequest] | str:
+    """All attempts' requests up front (one cache query per batch); a reason on bad input."""
+    try:
+        return [plan.requests(row, a) for a in range(plan.max_tries)]
+    except (ValueError, KeyError, TypeError) as e:
+        return f"bad_request: {type(e).__name__}: {e}"
+
+
+Ask = Callable[[LLMRequest, _Counters], Awaitable[LLMResponse]]
+
+
+async def run_row(plan: Plan, row: dict, reqs: list[LLMRequest] | str, cached: dict[str, LLMResponse], ask: Ask) -> dict:
+    """One row's attempts: a cached reply where there is one, else `ask`; stops at the first accepted."""
+    counters = _Counters()
+    calls: list[dict] = []
+    if isinstance(reqs, str):
+        return _result(plan, row, "failed", reqs, 0, None, {}, calls, counters)
+    reason = ""
+    for attempt, req in enumerate(reqs, start=1):
+        response = cached.get(req.key())
+        if response is not None:
+            counters.cache_hits += 1
+        else:
+            try:
+                response = await ask(req, counters)
+            except LLMCallError as e:
+                # Transport budget spent: asking again at another temperature will not
+                # fix the endpoint, so the row fails with the transport status.
+                return _result(plan, row, "failed", e.status, attempt, None, {}, calls, counters)
+            calls.append(call_record(req, response))
+        counters.add(response, req.model)
+        try:
+            ok, reason, payload = plan.check(row, response.text)
+        except (ValueError, KeyError, TypeError) as e:
+            return _result(plan, row, "failed", f"bad_example: {e}", attempt, None, {}, calls, counters)
+        if ok:
+            return _result(plan, row, "kept", "", attempt, response.text, payload, calls, counters)
+    return _result(plan, row, "failed", reason or "rejected", len(reqs), None, {}, calls, counters)
+
+
+def _result(plan: Plan, row, status, reason, attempts, output, payload, calls, c: _Counters) -> dict:
+    out = dict(row)
+    out.update(status=status, reason=reason, attempts=attempts, output=output)
+    for name in plan.payload_fields:
+        out[name] = payload.get(name)
+    out.update(
+        calls=json.dumps(calls, ensure_ascii=False),
+        n_calls=c.calls,
+        n_http=c.http,
+        n_cache_hits=c.cache_hits,
+        n_retries=c.retries,
+        n_malformed=c.malformed,
+        prompt_tokens=c.prompt_tokens,
+        completion_tokens=c.completion_tokens,
+        call_usage=json.dumps(c.call_usage, ensure_ascii=False),
+    )
+    return out
+
+
 def _new_loop() -> asyncio.AbstractEventLoop:
     try:  # uvloop (a uvicorn extra) makes the HTTP client's socket work cheaper
         import uvloop
@@ -132,7 +192,7 @@ class QueryActor:
         clash = set(OUTPUT_COLUMNS + tuple(self._plan.payload_fields)) & set(batch.column_names)
         if clash:
             raise ValueError(f"input rows already have columns {sorted(clash)} that the query stage writes")
-        plans = [self._requests_for(row) for row in rows]
+        plans = [requests_for(self._plan, row) for row in rows]
         keys = [r.key() for reqs in plans if isinstance(reqs, list) for r in reqs]
         cached: dict[str, LLMResponse] = {}
         if self._cache is not None and keys:
@@ -142,41 +202,7 @@ class QueryActor:
         return pa.Table.from_pylist(out)
 
     async def _run_rows(self, rows: list[dict], plans: list, cached: dict[str, LLMResponse]) -> list[dict]:
-        return await asyncio.gather(*(self._run_row(row, reqs, cached) for row, reqs in zip(rows, plans)))
-
-    def _requests_for(self, row: dict) -> list[LLMRequest] | str:
-        """All attempts' requests up front (one cache query per batch); a reason on bad input."""
-        try:
-            return [self._plan.requests(row, a) for a in range(self._plan.max_tries)]
-        except (ValueError, KeyError, TypeError) as e:
-            return f"bad_request: {type(e).__name__}: {e}"
-
-    async def _run_row(self, row: dict, reqs: list[LLMRequest] | str, cached: dict[str, LLMResponse]) -> dict:
-        counters = _Counters()
-        calls: list[dict] = []
-        if isinstance(reqs, str):
-            return self._result(row, "failed", reqs, 0, None, {}, calls, counters)
-        reason = ""
-        for attempt, req in enumerate(reqs, start=1):
-            response = cached.get(req.key())
-            if response is not None:
-                counters.cache_hits += 1
-            else:
-                try:
-                    response = await self._ask(req, counters)
-                except LLMCallError as e:
-                    # Transport budget spent: asking again at another temperature will not
-                    # fix the endpoint, so the row fails with the transport status.
-                    return self._result(row, "failed", e.status, attempt, None, {}, calls, counters)
-                calls.append(call_record(req, response))
-            counters.add(response, req.model)
-            try:
-                ok, reason, payload = self._plan.check(row, response.text)
-            except (ValueError, KeyError, TypeError) as e:
-                return self._result(row, "failed", f"bad_example: {e}", attempt, None, {}, calls, counters)
-            if ok:
-                return self._result(row, "kept", "", attempt, response.text, payload, calls, counters)
-        return self._result(row, "failed", reason or "rejected", len(reqs), None, {}, calls, counters)
+        return await asyncio.gather(*(run_row(self._plan, row, reqs, cached, self._ask) for row, reqs in zip(rows, plans)))
 
     async def _ask(self, req: LLMRequest, counters: _Counters) -> LLMResponse:
         async with self._sem:
@@ -195,24 +221,6 @@ class QueryActor:
         counters.retries += response.retries
         counters.malformed += response.malformed
         return response
-
-    def _result(self, row, status, reason, attempts, output, payload, calls, c: _Counters) -> dict:
-        out = dict(row)
-        out.update(status=status, reason=reason, attempts=attempts, output=output)
-        for name in self._plan.payload_fields:
-            out[name] = payload.get(name)
-        out.update(
-            calls=json.dumps(calls, ensure_ascii=False),
-            n_calls=c.calls,
-            n_http=c.http,
-            n_cache_hits=c.cache_hits,
-            n_retries=c.retries,
-            n_malformed=c.malformed,
-            prompt_tokens=c.prompt_tokens,
-            completion_tokens=c.completion_tokens,
-            call_usage=json.dumps(c.call_usage, ensure_ascii=False),
-        )
-        return out
 
 
 def query_rows(rows: list[dict], plan: Plan, options: QueryOptions, *, num_actors: int, actor_cpus: float):

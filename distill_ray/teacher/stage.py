@@ -1,8 +1,10 @@
 """The teacher stage: any query plan over the training examples, into LanceDB.
 
 `run_plan` is the stage; `collect_rationales` (Std-CoT) and `collect_knowledge`
-(SKIntern's K) are its two uses today. Ray Data streams the examples through a pool of
-`QueryActor`s; the driver consumes the results as they come and
+(SKIntern's K) are its two uses today. Examples whose outcome the cache already holds
+are settled on the driver (`client/replay.py`: a finished stage reruns without starting
+an actor or the oracle); Ray Data streams the rest through a pool of `QueryActor`s. The
+driver consumes the results as they come and
   - appends the new teacher calls to `teacher_calls` in bulk, one commit per chunk from
     a writer thread, so a driver killed mid-stage keeps (and a rerun reuses) everything
     already committed;
@@ -17,14 +19,16 @@ from __future__ import annotations
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
+from itertools import chain
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 
 from distill_ray.client.actor import Plan, QueryOptions, query_rows
 from distill_ray.client.cache import CALLS_TABLE, CallWriter, decode_calls
+from distill_ray.client.replay import replay_cached
 from distill_ray.client.openai_client import ClientSettings, Secret
 from distill_ray.client.ratelimit import get_limiter, limiter_name
 from distill_ray.config import Config
@@ -143,14 +147,15 @@ class _Progress:
               f"{rate:.1f} req/s", file=sys.stderr, flush=True)
 
 
-def _consume(out, writer: CallWriter, bar: _Progress, model: str, output: StageOutput) -> _Outcome:
+def _consume(batches: Iterable[list[dict]], writer: CallWriter, bar: _Progress, model: str,
+             output: StageOutput) -> _Outcome:
     """Fold the stage's output rows into outcomes; hand call records to the writer in chunks."""
     o = _Outcome()
     pending: list[dict] = []
     last_flush = time.monotonic()
     try:
-        for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for row in batch.to_pylist():
+        for batch in batches:
+            for row in batch:
                 if row["id"] in o.seen:  # a re-executed Ray task may emit a row again
                     o.totals["duplicates_dropped"] += 1
                     continue
@@ -197,6 +202,26 @@ def _stats(o: _Outcome, n: int, wall: float) -> dict[str, float]:
     return stats
 
 
+def _ask_teacher(cfg: Config, api_key: str, rows: list[dict], plan: Plan, stack: ExitStack) -> Iterator[list[dict]]:
+    """The actor pool over `rows`, its output batches as they come; the oracle starts here when it is needed."""
+    t = cfg.teacher
+    base_url = t.base_url
+    if base_url is None:
+        from distill_ray.teacher.endpoint import local_oracle
+
+        base_url = stack.enter_context(local_oracle(cfg))
+    options = QueryOptions(
+        client=ClientSettings(base_url, Secret(api_key), t.max_retries, t.timeout_s, max(100, 2 * t.max_in_flight)),
+        max_in_flight=t.max_in_flight,
+        malformed_retries=t.max_retries,
+        cache_uri=cfg.lancedb_uri if t.cache else None,
+        limiter=get_limiter(limiter_name(base_url, t.model), t.qps),
+        qps=t.qps,
+    )
+    out = query_rows(rows, plan, options, num_actors=t.num_actors, actor_cpus=t.actor_cpus)
+    return (b.to_pylist() for b in out.iter_batches(batch_size=None, batch_format="pyarrow"))
+
+
 def run_plan(
     cfg: Config,
     examples: Sequence[Example],
@@ -220,28 +245,21 @@ def run_plan(
     _ensure_ray(cfg)
     t0 = time.monotonic()
     t = cfg.teacher
+    if t.base_url is None and t.kind != "oracle":
+        raise ValueError("teacher.base_url: required for a non-oracle teacher")
+    rows = [_input_row(ex) for ex in examples]
+    settled, to_ask = replay_cached(rows, plan, cfg.lancedb_uri) if t.cache else ([], rows)
+    if progress and settled:
+        print(f"[teacher] {output.kind}: {len(settled)}/{len(rows)} settled from the cache, "
+              f"{len(to_ask)} to ask", file=sys.stderr, flush=True)
+    db = open_db(cfg.lancedb_uri)
     with ExitStack() as stack:
-        base_url = t.base_url
-        if base_url is None:
-            if t.kind != "oracle":
-                raise ValueError("teacher.base_url: required for a non-oracle teacher")
-            from distill_ray.teacher.endpoint import local_oracle
-
-            base_url = stack.enter_context(local_oracle(cfg))
-        options = QueryOptions(
-            client=ClientSettings(base_url, Secret(api_key), t.max_retries, t.timeout_s, max(100, 2 * t.max_in_flight)),
-            max_in_flight=t.max_in_flight,
-            malformed_retries=t.max_retries,
-            cache_uri=cfg.lancedb_uri if t.cache else None,
-            limiter=get_limiter(limiter_name(base_url, t.model), t.qps),
-            qps=t.qps,
-        )
-        db = open_db(cfg.lancedb_uri)
-        out = query_rows([_input_row(ex) for ex in examples], plan, options,
-                         num_actors=t.num_actors, actor_cpus=t.actor_cpus)
+        batches: Iterable[list[dict]] = [settled]
+        if to_ask:
+            batches = chain(batches, _ask_teacher(cfg, api_key, to_ask, plan, stack))
         writer = CallWriter(db)
         try:
-            outcome = _consume(out, writer, _Progress(len(examples), progress, output.kind), t.model, output)
+            outcome = _consume(batches, writer, _Progress(len(examples), progress, output.kind), t.model, output)
         finally:
             calls_version = writer.close()
     finish_s = None
@@ -259,6 +277,7 @@ def run_plan(
     if missing:
         raise RuntimeError(f"teacher stage: {missing} examples produced no outcome (the ones seen were written)")
     stats = _stats(outcome, len(examples), time.monotonic() - t0)
+    stats["settled_from_cache"] = len(settled)
     if finish_s is not None:
         stats[output.finish_stat] = round(finish_s, 3)
     return TeacherStageResult(out_name, failures_name, CALLS_TABLE, versions, stats)
