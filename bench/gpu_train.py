@@ -25,8 +25,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # for annotations only; see below
+    from distill_ray.train.step import LocalEngine
 
 # The project's modules import transformers (seconds of CPU): each is imported where it is
 # used, so a refused run (no GPU, no --smoke) ends at once.

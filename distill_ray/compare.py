@@ -24,7 +24,7 @@ from .methods import get_recipe
 from .pipeline import run_pipeline, serve_session
 from .ray_session import ray_session
 from .teacher.endpoint import teacher_endpoint
-from .tracking import tracking_for
+from .tracking import log_metrics, log_params, tracking_for
 
 DEFAULT_METHODS = ("std_cot", "mt_cot", "kard", "cascod", "skintern")
 
@@ -131,11 +131,9 @@ def run_compare(cfg: Config, methods: tuple[str, ...] = DEFAULT_METHODS) -> list
         client = mlflow.MlflowClient(server.uri)
         exp = client.get_experiment_by_name(cfg.tracking.experiment)
         run = client.create_run(exp.experiment_id, run_name=f"{cfg.run_name}/compare", tags={"stage": "compare"})
-        client.log_param(run.info.run_id, "methods", ",".join(methods))
-        client.log_param(run.info.run_id, "steps", steps)
-        for r in rows:
-            for k in ("accuracy", "flops_mean", "prompt_tokens_mean", "train_wall_s"):
-                client.log_metric(run.info.run_id, f"{r['method']}.{k}", float(r[k]))
+        log_params(client, run.info.run_id, {"methods": ",".join(methods), "steps": steps})
+        log_metrics(client, run.info.run_id, {f"{r['method']}.{k}": float(r[k]) for r in rows
+                                              for k in ("accuracy", "flops_mean", "prompt_tokens_mean", "train_wall_s")})
         client.log_artifact(run.info.run_id, str(plot))
         client.log_artifact(run.info.run_id, str(out_dir / "comparison.json"))
         client.set_terminated(run.info.run_id)

@@ -20,7 +20,7 @@ from .ray_session import ray_session
 from .tasks.record import Example
 from .tasks.sources import load_tasks
 from .teacher.endpoint import teacher_endpoint
-from .tracking import MlflowServer, flat_params, tracking_for
+from .tracking import MlflowServer, flat_params, log_metrics, log_params, tracking_for
 
 
 STUDENT_POINTER = "student.json"
@@ -47,9 +47,7 @@ class RunContext:
         return run.info.run_id
 
     def log_metrics(self, run_id: str, metrics: dict[str, float]) -> None:
-        for k, v in metrics.items():
-            if isinstance(v, (int, float)):
-                self.client.log_metric(run_id, k, float(v))
+        log_metrics(self.client, run_id, metrics)
 
 
 def _experiment(client: mlflow.MlflowClient, name: str) -> str:
@@ -80,8 +78,7 @@ def run_context(cfg: Config):
         client = mlflow.MlflowClient(server.uri)
         experiment_id = _experiment(client, cfg.tracking.experiment)
         parent = client.create_run(experiment_id, run_name=cfg.run_name, tags={"method": cfg.method.name})
-        for k, v in flat_params(cfg).items():
-            client.log_param(parent.info.run_id, k, v)
+        log_params(client, parent.info.run_id, flat_params(cfg))
         ctx = RunContext(cfg, server, client, experiment_id, parent.info.run_id, get_recipe(cfg.method.name), train, test)
         status = "FAILED"
         try:

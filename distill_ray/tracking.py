@@ -126,6 +126,30 @@ def flat_params(cfg: Config) -> dict[str, str]:
     return out
 
 
+# MLflow's per-request limits for log_batch.
+_PARAMS_PER_BATCH = 100
+_METRICS_PER_BATCH = 1000
+
+
+def log_params(client, run_id: str, params: dict[str, str]) -> None:
+    """Params in batches: a run's whole config is one or two requests, not one per key."""
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)) for k, v in params.items()]
+    for i in range(0, len(items), _PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=items[i:i + _PARAMS_PER_BATCH])
+
+
+def log_metrics(client, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    """Numeric values of `metrics` in batches, one timestamp; anything else is skipped."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+    for i in range(0, len(items), _METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=items[i:i + _METRICS_PER_BATCH])
+
+
 def nested_run(target: tuple[str, str] | None, suffix: str, tags: dict[str, str] | None = None) -> tuple[str, str] | None:
     """A child of the run `target` = (tracking uri, run id), named `<parent name>/<suffix>`.
 

@@ -14,12 +14,10 @@ at equal steps.
 """
 from __future__ import annotations
 
-import time
-
 from distill_ray.curriculum.actor import CurriculumInputs, curriculum_actor, inputs_from, stage_config
 from distill_ray.methods.recipe import TrainJob
 from distill_ray.train.checkpoint import read_state
-from distill_ray.tracking import end_run, nested_run
+from distill_ray.tracking import end_run, log_metrics, nested_run
 from distill_ray.train.trainer import TrainResult, run_training
 
 
@@ -65,13 +63,10 @@ class _Tracking:
     def log_stage(self, t: int, info: dict) -> None:
         if self.client is None:
             return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
         values = {"curriculum_stage": t, "curriculum_keep_ratio": info["keep_ratio"],
                   "curriculum_keep_ratio_achieved": info["keep_ratio_achieved"],
                   "curriculum_examples": info["examples"], "curriculum_rows": info["rows"]}
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, t) for k, v in values.items()])
+        log_metrics(self.client, self.run_id, values, step=t)
 
     def end_stage(self, target: tuple[str, str] | None) -> None:
         if self.client is not None:

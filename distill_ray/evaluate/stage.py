@@ -21,6 +21,7 @@ from ..client.openai_client import ClientSettings, Secret
 from ..config import Config
 from ..methods.recipe import MethodContext, Recipe
 from ..tasks.record import Example
+from ..tracking import log_metrics
 from .flops import flops_model
 from .plan import EvalPlan, FollowUp
 
@@ -161,7 +162,6 @@ def summarize(predictions: list[dict]) -> EvalReport:
 
 
 def log_evaluation(client: mlflow.MlflowClient, run_id: str, report: EvalReport) -> None:
-    for k, v in report.metrics.items():
-        client.log_metric(run_id, k, float(v))
+    log_metrics(client, run_id, report.metrics)
     client.log_text(run_id, "\n".join(json.dumps(p) for p in report.predictions), "predictions.jsonl")
     client.log_dict(run_id, report.per_task, "per_task.json")

@@ -70,11 +70,10 @@ class MlflowLogger:
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self.client is None:
             return
-        from mlflow.entities import Metric
+        from distill_ray.tracking import log_metrics
 
-        now = int(time.time() * 1000)
         try:
-            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+            log_metrics(self.client, self.run_id, metrics, step)
         except Exception as e:  # noqa: BLE001 -- any tracking failure is reported, never fatal
             if not self.warned:
                 say(f"[train] warning: MLflow logging failed, continuing without it: {e}")
