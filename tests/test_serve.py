@@ -5,6 +5,8 @@ weights: greedy decoding must give identical text and token counts whatever the 
 """
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -290,13 +292,18 @@ def test_an_over_long_max_tokens_is_trimmed_to_the_context(student, client):
     assert out.choices[0].text == expected(student, p, room)[0]
 
 
-def test_a_replica_that_cannot_start_fails_the_deploy_with_its_reason(student, server):
+def test_a_replica_that_cannot_start_fails_the_deploy_with_its_reason(student, server, tmp_path):
     # Serve itself only says "failed to update the deployments"; the caller needs the why.
-    # An engine argument vLLM does not know: the replica's constructor raises at once.
-    cfg = Config(serve=ServeConfig(port=0, backend="vllm", replica_cpus=0.5, start_attempts=1, vllm={"no_such_engine_arg": 1}))
+    # A model dir whose config names no model type: the replica's constructor raises at load.
+    broken = tmp_path / "broken-student"
+    shutil.copytree(student[0], broken)
+    config = json.loads((broken / "config.json").read_text())
+    del config["model_type"]
+    (broken / "config.json").write_text(json.dumps(config))
+    cfg = Config(serve=ServeConfig(port=0, replica_cpus=0.5, start_attempts=1))
     try:
-        with pytest.raises(RuntimeError, match=r"'broken'.*no_such_engine_arg"):
-            deploy_student(cfg, student[0], app_name="broken", route_prefix="/broken")
+        with pytest.raises(RuntimeError, match=r"'broken'.*model_type"):
+            deploy_student(cfg, str(broken), app_name="broken", route_prefix="/broken")
     finally:
         serve.delete("broken")
     assert httpx.get(f"{server}/models", timeout=10).status_code == 200  # the other app is untouched
