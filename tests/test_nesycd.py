@@ -187,32 +187,35 @@ def test_an_edit_to_the_kb_changes_the_served_answer_without_retraining(reader, 
 def test_the_confidence_gate_decides_per_question(reader, served, tmp_path):
     from ray import serve
 
+    from distill_ray.serve.backend import encode_prompt
     from distill_ray.serve.deploy import deploy_student
 
+    _, model, tok = reader
     questions = [reader_question(u, c) for u, c in [("quib", 3), ("zorp", 5), ("gorn", 2), ("fent", 7)]]
-    cfg = _cfg(tmp_path, gate_confidence=1e-6)
+    bare = [encode_prompt(tok, question_prompt(q)) for q in questions]
+    # The student's confidence on each bare question, decoded here as the replica decodes it;
+    # a threshold halfway between the second and third splits them, with room for float noise.
+    sure = sorted(c.confidence for p in bare
+                  for c in decode_batch(model, tok, [p], [SamplingParams(max_tokens=48)], eos_token_ids(model, tok)))
+    assert sure[1] < sure[2], sure
+    threshold = (sure[1] + sure[2]) / 2
+    cfg = _cfg(tmp_path, gate_confidence=threshold)
     nesycd.knowledge_base(cfg).add([Entry("Supplementary Knowledge: 1. 1 quib = 8 blips", "synthetic/unit_conversion")])
     url = deploy_student(cfg, reader[0], app=nesycd.serve_app, app_name="gated", route_prefix="/gated")
     client = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=120)
-    always_sure = client.completions.create(model="student", prompt=[question_prompt(q) for q in questions], max_tokens=48, temperature=0)
-    assert always_sure.model_extra["retrieval_skipped"] == [True] * 4
-    assert always_sure.model_extra["knowledge"] == [[]] * 4
-    confidences = always_sure.model_extra["confidence"]
-    serve.delete("gated")
-    # A threshold between the questions' confidences: the sure ones skip the KB, the others use it.
-    threshold = sorted(confidences)[2]
-    url = deploy_student(_cfg(tmp_path, gate_confidence=threshold), reader[0], app=nesycd.serve_app,
-                         app_name="gated", route_prefix="/gated")
-    client = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=120)
     gated = client.completions.create(model="student", prompt=[question_prompt(q) for q in questions], max_tokens=48, temperature=0)
+    # The sure questions skip the KB, the others use it: decided per question, in one request.
+    confidences = gated.model_extra["confidence"]
+    assert sorted(confidences) == pytest.approx(sure, abs=1e-4)
     skipped = gated.model_extra["retrieval_skipped"]
-    assert skipped == [c >= threshold for c in confidences] and 0 < sum(skipped) < 4
-    retrieved = [k for k, s in zip(gated.model_extra["knowledge"], skipped) if not s]
+    assert skipped == [c >= threshold for c in confidences] and sum(skipped) == 2
+    knowledge = gated.model_extra["knowledge"]
+    assert all(k == [] for k, s in zip(knowledge, skipped) if s)
+    retrieved = [k for k, s in zip(knowledge, skipped) if not s]
     assert any(k and "quib" in k[0]["text"] for k in retrieved) or "quib" not in " ".join(
         q for q, s in zip(questions, skipped) if not s)
     # Usage counts both calls where the gate let retrieval happen, and lists each call.
-    assert gated.usage.prompt_tokens > always_sure.usage.prompt_tokens
     calls = gated.usage.model_extra["calls"]
     assert len(calls) == sum(1 if s else 2 for s in skipped)
-    assert sum(c["prompt_tokens"] for c in calls) == gated.usage.prompt_tokens
+    assert sum(c["prompt_tokens"] for c in calls) == gated.usage.prompt_tokens > sum(len(p) for p in bare)
     serve.delete("gated")
