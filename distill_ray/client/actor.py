@@ -8,7 +8,8 @@ Each input row yields exactly one output row: the input columns plus `status` ("
 "failed"), `reason`, `attempts`, `output`, the payload fields, per-row counters, and
 `calls` (JSON list of the new call records, for the driver to append to the cache) and
 `call_usage` (JSON list of [model, prompt tokens, completion tokens] per model call: one per
-reply, or each call a composed endpoint reports in `usage.calls`).
+reply, or each call a composed endpoint reports in `usage.calls`). `run_row` is that
+per-row logic; `client/replay.py` also runs it, on the driver, against the cache alone.
 
 Throughput: each actor runs several tasks (batches) at once, and the rows of all of them
 share the actor's event loop and one semaphore of `max_in_flight`, so an actor keeps
@@ -21,8 +22,8 @@ import asyncio
 import json
 import math
 import threading
-from dataclasses import dataclass, field
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import pyarrow as pa

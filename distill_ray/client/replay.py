@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from distill_ray.client.actor import Plan, run_row, requests_for
+from distill_ray.client.actor import Plan, requests_for, run_row
 from distill_ray.client.cache import CALLS_TABLE, CallCache
 from distill_ray.client.requests import LLMRequest, LLMResponse
 

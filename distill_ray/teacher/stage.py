@@ -21,16 +21,16 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
-from itertools import chain
 from dataclasses import dataclass, field
+from itertools import chain
 
 import pyarrow as pa
 
 from distill_ray.client.actor import Plan, QueryOptions, query_rows
 from distill_ray.client.cache import CALLS_TABLE, CallWriter, decode_calls
-from distill_ray.client.replay import replay_cached
 from distill_ray.client.openai_client import ClientSettings, Secret
 from distill_ray.client.ratelimit import get_limiter, limiter_name
+from distill_ray.client.replay import replay_cached
 from distill_ray.config import Config
 from distill_ray.ray_session import ensure_ray
 from distill_ray.store import open_db, table_version, write_table
