@@ -5,6 +5,7 @@ over HTTP (never to the sqlite file), which is what keeps it correct on many nod
 """
 from __future__ import annotations
 
+import numbers
 import os
 import shlex
 import socket
@@ -145,7 +146,7 @@ def log_metrics(client, run_id: str, metrics: dict[str, float], step: int = 0) -
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+    items = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, numbers.Real)]
     for i in range(0, len(items), _METRICS_PER_BATCH):
         client.log_batch(run_id, metrics=items[i:i + _METRICS_PER_BATCH])
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import mlflow
+import numpy as np
 
 from distill_ray.config import Config
 from distill_ray.tracking import flat_params, log_metrics, log_params
@@ -13,7 +14,7 @@ def test_a_whole_config_and_metrics_read_back_in_full(mlflow_server):
     params = flat_params(Config())
     assert len(params) > 100  # more than one log_batch request takes
     log_params(client, run_id, params)
-    log_metrics(client, run_id, {"accuracy": 0.25, "n": 30, "note": "not a number", "loss": 1.5}, step=3)
+    log_metrics(client, run_id, {"accuracy": 0.25, "n": 30, "note": "not a number", "loss": np.float32(1.5)}, step=3)
 
     data = client.get_run(run_id).data
     assert data.params == params
