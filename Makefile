@@ -9,7 +9,7 @@ ARGS    ?=
 
 .PHONY: run test install bench clean
 
-# uv installs the package's ~230 dependencies in ~50 s where pip takes ~150 s (2 cores),
+# uv installs the package's ~230 dependencies in ~50 s where pip took ~150 s (2 cores, timed once),
 # bytecode compiled as pip does (fresh processes import torch and transformers all the time).
 # torch stays with pip: pip's configuration is what finds a machine's local CPU wheel, and
 # uv reads only its own (UV_INDEX_URL, UV_FIND_LINKS, ...). `make UV=0 ...` uses pip throughout.
