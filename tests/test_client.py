@@ -179,17 +179,20 @@ def test_store_names_bad_input(tmp_path):
 def test_replay_settles_exactly_the_rows_the_cache_decides(tmp_path):
     """A row settles on the driver when its attempts up to an outcome are all cached; the first
     attempt that would need the endpoint sends the whole row to the actors, untouched."""
-    from types import SimpleNamespace
-
     from distill_ray.client.replay import replay_cached
+    from distill_ray.config import Config
     from distill_ray.teacher.cot_plan import build_plan
 
     train, _ = generate(4, 0, seed=3)
-    plan = build_plan(SimpleNamespace(model="oracle", temperatures=(0.0, 0.7), max_tries=2, max_tokens=64, few_shot=1), train)
+    teacher = Config.model_validate({"teacher": {"temperatures": [0.0, 0.7], "max_tries": 2, "few_shot": 1}}).teacher
+    plan = build_plan(teacher, train)
     rows = [ex.to_row() for ex in train] + [{**train[0].to_row(), "id": "bad", "question": None}]
-    right = [f"{ex.rationale}" for ex in train]
+    right = [ex.rationale for ex in train]
     wrong = "1 + 1 = 2 . Therefore, the answer is 123456."
-    reply = lambda text: LLMResponse(text=text, prompt_tokens=5, completion_tokens=7)  # noqa: E731
+
+    def reply(text: str) -> LLMResponse:
+        return LLMResponse(text=text, prompt_tokens=5, completion_tokens=7)
+
     write_calls(open_db(str(tmp_path / "db")), [
         call_record(plan.requests(rows[0], 0), reply(right[0])),  # settled: kept at attempt 1
         call_record(plan.requests(rows[1], 0), reply(wrong)),  # settled: wrong, then right at attempt 2
